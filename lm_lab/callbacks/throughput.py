@@ -1,0 +1,49 @@
+"""Tokens per second (and model FLOPs utilisation on known GPUs), logged as ``tokens_per_sec``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+# Dense bf16 peak FLOP/s. Lightning's own table has no entry for the H200 (see docs/NOTES).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Throughput(L.Callback):
+    """Logs ``tokens_per_sec`` averaged over the last ``window`` optimizer steps (and ``mfu``)."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._t0: float | None = None
+        self._tokens0 = 0
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        tokens = int(pl_module.tokens_seen)
+        if self._t0 is None:
+            self._t0, self._tokens0, self._steps = now, tokens, trainer.global_step
+            return
+        steps = trainer.global_step - self._steps
+        if steps >= self.window:
+            rate = (tokens - self._tokens0) / max(now - self._t0, 1e-9)
+            metrics = {"tokens_per_sec": rate}
+            peak = peak_flops(pl_module.device)
+            flops_per_token = getattr(pl_module, "flops_per_token", None)
+            if peak and flops_per_token:
+                metrics["mfu"] = rate * flops_per_token / (peak * trainer.world_size)
+            pl_module.log_dict(metrics, prog_bar=False)
+            self._t0, self._tokens0, self._steps = now, tokens, trainer.global_step
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._t0 = None  # do not count validation time as training time

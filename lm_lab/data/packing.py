@@ -1,0 +1,96 @@
+"""Tokenize a corpus once into a flat token file, then serve fixed-length blocks from it.
+
+Documents are tokenized with ``datasets.map(batched=True, num_proc=...)``, each followed by the
+end-of-text token, and concatenated into one ``uint16``/``uint32`` array on disk (nanoGPT's
+``train.bin``). Blocks are views into a memory map, so memory stays flat for corpora larger
+than RAM and there is no padding: block ``i`` is tokens ``[i*T, i*T + T + 1)`` (inputs plus the
+one-token-shifted targets).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def tokenize_dataset(ds: Any, tok: Tokenizer, *, eot: int | None, num_proc: int | None = None) -> Any:
+    """Add an ``ids`` column (token ids, EOT appended) and drop the text."""
+    tok_json = tok.to_str()
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        t = _tokenizer_from_json(tok_json)
+        encs = t.encode_batch([s or "" for s in batch["text"]], add_special_tokens=False)
+        tail = [eot] if eot is not None else []
+        return {"ids": [e.ids + tail for e in encs]}
+
+    kwargs: dict[str, Any] = {"batched": True, "remove_columns": ["text"]}
+    if num_proc and num_proc > 1 and len(ds) >= num_proc:
+        kwargs["num_proc"] = num_proc
+    return ds.map(encode, desc="tokenizing", **kwargs)
+
+
+_TOK_CACHE: dict[str, Tokenizer] = {}
+
+
+def _tokenizer_from_json(s: str) -> Tokenizer:
+    # One Tokenizer per process (map's workers included), rebuilt from JSON so it pickles cheaply.
+    key = str(hash(s))
+    if key not in _TOK_CACHE:
+        _TOK_CACHE[key] = Tokenizer.from_str(s)
+    return _TOK_CACHE[key]
+
+
+def write_tokens(ds: Any, path: Path, dtype: np.dtype) -> int:
+    """Write the ``ids`` column of a tokenized dataset as one flat array; returns its length."""
+    column = ds.data.column("ids") if hasattr(ds, "data") else pa.chunked_array([])
+    total = sum(len(chunk.flatten()) for chunk in column.chunks)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(total,))
+    pos = 0
+    for chunk in column.chunks:
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        arr[pos : pos + len(values)] = values
+        pos += len(values)
+    arr.flush()
+    del arr
+    return total
+
+
+class PackedBlocks(Dataset):
+    """Fixed blocks of ``block_size + 1`` tokens from a flat token file (memory-mapped).
+
+    ``__getitem__`` returns ``{"input_ids": (T,), "labels": (T,)}`` with labels shifted by one.
+    """
+
+    def __init__(self, path: str | Path, block_size: int) -> None:
+        self.path = str(path)
+        self.block_size = block_size
+        self._tokens: np.ndarray | None = None
+        self.n_tokens = int(np.load(self.path, mmap_mode="r").shape[0])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        # Opened lazily so DataLoader workers each map the file themselves.
+        if self._tokens is None:
+            self._tokens = np.load(self.path, mmap_mode="r")
+        return self._tokens
+
+    def __len__(self) -> int:
+        return max(0, (self.n_tokens - 1) // self.block_size)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = i * self.block_size
+        chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}

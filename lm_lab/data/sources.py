@@ -1,0 +1,190 @@
+"""Load a text corpus the way ``datasets.load_dataset`` does, and carve a validation split.
+
+The result is always ``{"train": ds, "validation": ds}`` with a single ``text`` column, plus a
+fingerprint that changes whenever the text could have changed (used as a cache key).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from lm_lab.data import pydocs
+from lm_lab.data.config import DataConfig
+from lm_lab.data.hub import hub_offline_message, hub_reachable
+
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
+            ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+TEXT_BUILDERS = {"text", "json", "csv"}
+
+
+class DataError(ValueError):
+    """The corpus cannot be used; the message names the file or key and the fix."""
+
+
+@dataclass
+class Corpus:
+    train: Any  # datasets.Dataset or IterableDataset with a "text" column
+    validation: Any
+    fingerprint: str
+    description: str
+
+
+def _file_list(data_files: Any) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in _file_list(v)]
+    return [str(f) for f in data_files]
+
+
+def resolve_files(data_files: Any) -> list[Path]:
+    """Expand globs; fail on missing or empty files with the file's name."""
+    out: list[Path] = []
+    for pattern in _file_list(data_files):
+        if "://" in pattern:
+            continue  # remote URLs are datasets' business
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataError(f"data file not found: {pattern}: check data.data_files (relative paths start "
+                            f"from the directory you launched from, {os.getcwd()})")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                raise DataError(f"data file {p} is a directory: pass the files inside it (e.g. {p}/*.txt)")
+            if p.stat().st_size == 0:
+                raise DataError(f"data file {p} is empty: point data.data_files at a file with text in it")
+            out.append(p)
+    return out
+
+
+def check_utf8(path: Path, limit: int = 1 << 20) -> None:
+    """Fail early (with the file's name) on binary or non-UTF-8 files."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        chunk = f.read(limit)
+    if b"\x00" in chunk:
+        raise DataError(f"data file {path} is not text (it contains NUL bytes): pass UTF-8 text, JSON, CSV or Parquet")
+    try:
+        decoder.decode(chunk, final=len(chunk) < limit)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text (byte {e.start}): convert it with "
+                        f"`iconv -t utf-8` or pass a UTF-8 file") from e
+
+
+def infer_builder(files: list[Path]) -> str:
+    exts = {BUILDERS.get(p.suffix.lower()) for p in files}
+    if len(exts) != 1 or None in exts:
+        names = ", ".join(sorted({p.suffix or p.name for p in files}))
+        raise DataError(f"cannot tell the format of data files ({names}): set data.path to text, json, csv or parquet")
+    return exts.pop()  # type: ignore[return-value]
+
+
+def _files_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
+    if cfg.path == "pydocs" and cfg.data_files is None:
+        return _carve(_pydocs_dataset(cfg), cfg, fingerprint=f"pydocs-{pydocs.fingerprint()}",
+                      description="built-in corpus: Python's own documentation", contiguous=False)
+
+    files = resolve_files(cfg.data_files)
+    builder = cfg.path
+    if builder in (None, "auto"):
+        builder = infer_builder(files)
+    local = bool(files) or Path(builder).exists() or builder in BUILDERS.values()
+    if builder in TEXT_BUILDERS:
+        for p in files:
+            check_utf8(p)
+    if not local and not hub_reachable():
+        raise DataError(hub_offline_message(f"dataset {builder!r}",
+                                            "data.path=text data.data_files=/path/to/*.txt"))
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        kwargs["sample_by"] = cfg.sample_by
+    try:
+        loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, streaming=cfg.streaming, **kwargs)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DataError(f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use "
+                        "data.path=text data.data_files=<local files>") from e
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise DataError(f"could not read data files {', '.join(map(str, files)) or builder}: "
+                        f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; "
+                        "check the files' format matches data.path") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"data files are not UTF-8 text ({e.reason}): convert them to UTF-8") from e
+    splits = list(loaded.keys())
+    if cfg.split not in splits:
+        raise DataError(f"dataset has no split {cfg.split!r} (it has {splits}): set data.split")
+    fp_parts = {"builder": builder, "name": cfg.name, "files": _files_fingerprint(files),
+                "split": cfg.split, "text_column": cfg.text_column, "sample_by": cfg.sample_by}
+    if not files:
+        fp_parts["hub_fingerprint"] = getattr(loaded[cfg.split], "_fingerprint", None)
+    train = _text_only(loaded[cfg.split], cfg)
+    desc = f"{builder}" + (f"/{cfg.name}" if cfg.name else "") + (f" ({len(files)} file(s))" if files else "")
+    if cfg.val_split and cfg.val_split in splits:
+        val = _text_only(loaded[cfg.val_split], cfg)
+        fp = hashlib.sha256(json.dumps({**fp_parts, "val": cfg.val_split}, sort_keys=True).encode()).hexdigest()[:16]
+        return Corpus(train, val, fp, desc)
+    fp = hashlib.sha256(json.dumps(fp_parts, sort_keys=True).encode()).hexdigest()[:16]
+    return _carve(train, cfg, fingerprint=fp, description=desc, contiguous=len(files) == 1)
+
+
+def _pydocs_dataset(cfg: DataConfig) -> datasets.Dataset:
+    docs = pydocs.build_documents()
+    return datasets.Dataset.from_dict({"text": [d["text"] for d in docs]})
+
+
+def _text_only(ds: Any, cfg: DataConfig) -> Any:
+    cols = ds.column_names
+    if cols is not None and cfg.text_column not in cols:
+        raise DataError(f"column {cfg.text_column!r} not in the dataset (columns: {cols}): set data.text_column")
+    if cols is not None and cols != ["text"]:
+        ds = ds.select_columns([cfg.text_column])
+        if cfg.text_column != "text":
+            ds = ds.rename_column(cfg.text_column, "text")
+    return ds
+
+
+def _carve(ds: Any, cfg: DataConfig, *, fingerprint: str, description: str, contiguous: bool) -> Corpus:
+    """Split off ``val_fraction`` for validation, deterministically.
+
+    A single-file corpus is split contiguously at the end of its text (nanoGPT's convention:
+    a one-document file is cut at character ``len * (1 - val_fraction)``); a multi-document corpus
+    is split by a seeded shuffle of documents. Streaming corpora hold out their first
+    ``streaming_val_docs`` documents.
+    """
+    fp = f"{fingerprint}-val{cfg.val_fraction}"
+    if isinstance(ds, datasets.IterableDataset):
+        n = cfg.streaming_val_docs
+        return Corpus(ds.skip(n), ds.take(n), f"{fingerprint}-stream{n}", description)
+    n = len(ds)
+    if n == 0:
+        raise DataError("the corpus has no documents: check data.data_files / data.split")
+    if n == 1:
+        text = ds[0]["text"] or ""
+        cut = int(len(text) * (1 - cfg.val_fraction))
+        train = datasets.Dataset.from_dict({"text": [text[:cut]]})
+        val = datasets.Dataset.from_dict({"text": [text[cut:]]})
+        return Corpus(train, val, fp, description)
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    if contiguous:
+        return Corpus(ds.select(range(n - n_val)), ds.select(range(n - n_val, n)), fp, description)
+    parts = ds.train_test_split(test_size=n_val, seed=1234, shuffle=True)
+    return Corpus(parts["train"], parts["test"], fp, description)

@@ -1,0 +1,165 @@
+"""Tokenizers: train one from the corpus with HF ``tokenizers``, or load an HF tokenizer.
+
+Kinds: ``bpe`` (GPT-2 style byte-level BPE), ``char`` (one token per character, nanoGPT's
+shakespeare_char), ``wordpiece`` (BERT). Any other value is a directory or file holding an HF
+tokenizer (``tokenizer.json``) or a hub name. Everything is saved in HF format so
+``transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")`` loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+EOT = "<|endoftext|>"
+UNK_CHAR = "<unk>"
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TRAINED_KINDS = ("bpe", "char", "wordpiece")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be used; the message says why and what to do."""
+
+
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    lowercase: bool = True,
+    strip_accents: bool | None = None,
+) -> Tokenizer:
+    """Train a ``bpe``, ``char`` or ``wordpiece`` tokenizer on ``texts``."""
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif kind == "char":
+        tok = Tokenizer(models.WordLevel(unk_token=UNK_CHAR))
+        # Every character (newlines included) is its own token; decoding concatenates them.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
+    elif kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=BERT_SPECIALS, continuing_subword_prefix="##", show_progress=False
+        )
+    else:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}: use bpe, char, wordpiece or a tokenizer directory")
+    tok.train_from_iterator(_nonempty(texts), trainer=trainer)
+    if kind == "wordpiece":
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+    return tok
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    for t in texts:
+        if t:
+            yield t
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """Load ``source``: a directory with ``tokenizer.json``, such a file, or a hub name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if file.is_file():
+            return Tokenizer.from_file(str(file))
+        return _from_transformers(str(path))
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{path} is not a tokenizers JSON file ({e}): point data.tokenizer at an HF tokenizer") from e
+    if source.startswith((".", "/", "~")) or source.endswith(".json"):
+        raise TokenizerError(f"tokenizer {source} not found: check data.tokenizer (a directory holding tokenizer.json)")
+    return _from_transformers(source)
+
+
+def _from_transformers(source: str) -> Tokenizer:
+    from lm_lab.data.hub import hub_offline_message, hub_reachable
+
+    if not Path(source).exists() and not hub_reachable():
+        raise TokenizerError(hub_offline_message(f"tokenizer {source!r}", "data.tokenizer=<local tokenizer directory>"))
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise TokenizerError(f"could not load tokenizer {source!r} ({type(e).__name__}): check data.tokenizer") from e
+    if not getattr(hf, "is_fast", False):
+        raise TokenizerError(f"tokenizer {source!r} has no fast (tokenizers) version: convert it with transformers first")
+    return hf.backend_tokenizer
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+
+def eot_id(tok: Tokenizer) -> int | None:
+    """The end-of-text separator for causal LM: <|endoftext|>, else </s> or [SEP]."""
+    for name in (EOT, "</s>", "[SEP]", "<eos>"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+def special_token_map(tok: Tokenizer, family: str) -> dict[str, str]:
+    """Special-token roles for ``PreTrainedTokenizerFast`` (only those the vocabulary has)."""
+    if family == "bert":
+        wanted = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                  "mask_token": "[MASK]"}
+    else:
+        eot = next((n for n in (EOT, "</s>", "<eos>") if tok.token_to_id(n) is not None), None)
+        wanted = {"bos_token": eot, "eos_token": eot}
+        if tok.token_to_id(UNK_CHAR) is not None:
+            wanted["unk_token"] = UNK_CHAR
+    return {k: v for k, v in wanted.items() if v is not None and tok.token_to_id(v) is not None}
+
+
+def to_hf(tok: Tokenizer, family: str) -> Any:
+    """Wrap as ``transformers.PreTrainedTokenizerFast`` with the right special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs: dict[str, Any] = dict(special_token_map(tok, family))
+    if family == "bert":
+        kwargs["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.to_str()),
+                                 clean_up_tokenization_spaces=False, **kwargs)
+    return hf
+
+
+def save_hf(tok: Tokenizer, directory: str | Path, family: str) -> Path:
+    """Save in HF format (``tokenizer.json`` + ``tokenizer_config.json``)."""
+    directory = Path(directory)
+    to_hf(tok, family).save_pretrained(str(directory))
+    return directory
+
+
+def describe(tok: Tokenizer) -> str:
+    model = json.loads(tok.to_str())["model"]["type"]
+    return f"{model} tokenizer, {tok.get_vocab_size()} tokens"

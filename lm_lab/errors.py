@@ -1,0 +1,13 @@
+"""The exceptions that mean "the user asked for something that cannot work" (not a bug).
+
+``train.py`` prints these as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from lm_lab.checkpoint import CheckpointError
+from lm_lab.config import ConfigError
+from lm_lab.data.sources import DataError
+from lm_lab.data.tokenizer import TokenizerError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TokenizerError, CheckpointError)

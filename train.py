@@ -1,0 +1,147 @@
+"""Train a language model: ``python train.py [group=option ...] [key=value ...]``.
+
+``train(cfg)`` is the whole recipe and the only place Hydra's ``instantiate`` is called; the
+``main`` wrapper adds Hydra's command line, turns user errors into one-line messages, and returns
+the optimized metric for sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger("lm_lab")
+
+
+def _build(node: Any, section: str, **kwargs: Any) -> Any:
+    """``instantiate`` with errors that name the config key instead of a Hydra traceback."""
+    from hydra.errors import InstantiationException
+
+    from lm_lab.config import ConfigError
+
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            key = str(cause).split("'")[1] if "'" in str(cause) else "?"
+            raise ConfigError(f"unknown config key {section}.{key}: check the spelling (see conf/{section}/)") from None
+        raise ConfigError(f"bad {section} config: {cause or e}") from None
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build everything from ``cfg``, train, and return (metrics, objects)."""
+    import dataclasses
+
+    import lightning as L
+
+    from lm_lab.checkpoint import resolve_ckpt_path, tokenizer_from_checkpoint
+    from lm_lab.config import ConfigError
+    from lm_lab.data.datamodule import datamodule_for
+    from lm_lab.data.tokenizer import save_hf
+    from lm_lab.tasks import task_for
+
+    # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy.
+    model_cfg = _build(cfg.model, "model")
+    data_cfg = _build(cfg.data, "data")
+    optim_cfg = _build(cfg.optimizer, "optimizer")
+    sched_cfg = _build(cfg.scheduler, "scheduler")
+    if data_cfg.block_size > model_cfg.max_seq_len:
+        raise ConfigError(f"data.block_size={data_cfg.block_size} is larger than model.max_seq_len="
+                          f"{model_cfg.max_seq_len}: lower data.block_size or raise model.max_seq_len")
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+    L.seed_everything(cfg.seed, workers=True)
+
+    # 2. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
+    dm = datamodule_for(model_cfg.family)(data_cfg, seed=cfg.seed)
+    if ckpt_path is not None:
+        dm._tokenizer = tokenizer_from_checkpoint(ckpt_path)
+    tokenizer = dm.tokenizer
+    n_vocab = tokenizer.get_vocab_size()
+    if model_cfg.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=n_vocab)
+    elif model_cfg.vocab_size < n_vocab:
+        raise ConfigError(f"the tokenizer has {n_vocab} tokens but model.vocab_size={model_cfg.vocab_size}: "
+                          f"use model.vocab_size=null (take it from the tokenizer) or a matching tokenizer")
+
+    # 3. Trainer, callbacks, loggers.
+    callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None]
+    trainer: L.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    micro, accum = data_cfg.micro_batch(trainer.world_size)
+    trainer.accumulate_grad_batches = accum
+    dm.configure_batching(micro)
+
+    # 4. The recipe.
+    task = task_for(model_cfg.family)(model_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer)
+    if cfg.get("compile"):
+        task.net.compile()
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_hf(tokenizer, output_dir / "tokenizer", model_cfg.family)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        for lg in trainer.loggers:
+            lg.log_hyperparams(resolved)
+        log.info("model: %s, %s parameters; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
+                 type(task.net).__name__, f"{task.num_params():,}", data_cfg.batch_size, data_cfg.block_size,
+                 micro, accum, trainer.world_size)
+
+    trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if cfg.get("final_validation", True) and "val/loss" not in trainer.callback_metrics:
+        trainer.validate(task, datamodule=dm, verbose=False)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    if trainer.is_global_zero:
+        _report(cfg, task, trainer, metrics, output_dir)
+    return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
+
+
+def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float], output_dir: Path) -> None:
+    if hasattr(task, "generate") and cfg.get("sample_tokens", 0) > 0:
+        text = task.generate(cfg.sample_prompt, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        print(f"\n--- sample ({cfg.sample_tokens} tokens) ---\n{cfg.sample_prompt}{text}\n---")
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("val/")}
+    print(f"final metrics: {shown}")
+    ckpt_cb = getattr(trainer, "checkpoint_callback", None)
+    last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
+    print(f"run directory: {output_dir}")
+    if last is not None and last.exists():
+        print(f"checkpoint:    {last}\n  use it:  python -m lm_lab.generate {last} --prompt 'Hello'\n"
+              f"  export:  python -m lm_lab.export {last} {output_dir / 'hf'}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from lm_lab.errors import USER_ERRORS
+
+    output_dir = Path(cfg.paths.output_dir)
+    existed = (output_dir / "checkpoints").exists()
+    try:
+        metrics, _ = train(cfg)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        if not existed and not (output_dir / "checkpoints").exists():
+            # Nothing was trained: leave no half-written run directory behind.
+            logging.shutdown()
+            shutil.rmtree(output_dir, ignore_errors=True)
+        sys.exit(2)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return value
+
+
+if __name__ == "__main__":
+    main()
