@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_hf(tokenizer, output_dir / "tokenizer", model_cfg.family)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = _plain(cfg)
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
         log.info("model: %s, %s parameters; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
@@ -107,6 +107,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run config as plain containers (without Hydra's own node)."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}
 
 
 def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float], output_dir: Path) -> None:

@@ -40,7 +40,7 @@ class BertConfig(ConfigBase):
 
     _section: typing.ClassVar[str] = "model"
     family: str = "bert"
-    vocab_size: int = 30522
+    vocab_size: int | None = 30522  # None: taken from the tokenizer in train()
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -64,7 +64,7 @@ class BertConfig(ConfigBase):
                      f"model.family={self.family!r} must be 'bert' for BertConfig")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len", "type_vocab_size"):
             value = getattr(self, name)
-            self.require(value > 0, f"model.{name}={value} must be > 0")
+            self.require(value is None or value > 0, f"model.{name}={value} must be > 0")  # None: vocab only
         self.require(
             self.intermediate_size is None or self.intermediate_size > 0,
             f"model.intermediate_size={self.intermediate_size} must be > 0 (or null for 4 * n_embd)",
@@ -81,7 +81,7 @@ class BertConfig(ConfigBase):
         self.require(self.layer_norm_eps > 0, f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
         self.require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         self.require(
-            0 <= self.pad_token_id < self.vocab_size,
+            self.pad_token_id >= 0 and (self.vocab_size is None or self.pad_token_id < self.vocab_size),
             f"model.pad_token_id={self.pad_token_id} must be in [0, model.vocab_size={self.vocab_size})",
         )
         self.require(
@@ -259,6 +259,8 @@ class BertModel(nn.Module):
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("BertConfig.vocab_size is None: set it (train() takes it from the tokenizer)")
         self.config = cfg
         self.bert = BertBackbone(cfg)
         self.cls = BertPreTrainingHeads(cfg, self.bert.embeddings.word_embeddings)

@@ -1,0 +1,177 @@
+"""Data pipeline on real files and real `datasets`: loading, splits, tokenizers, packing, cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from lm_lab.data.config import DataConfig
+from lm_lab.data.datamodule import CausalLMDataModule
+from lm_lab.data.sources import DataError, load_corpus
+from lm_lab.data.tokenizer import EOT, TokenizerError, load_tokenizer, save_hf, train_tokenizer
+from tests.conftest import SHAKESPEARE
+
+TEXTS = ["Hello world. The quick brown fox jumps over the lazy dog.", "Größe: naïve café — ünïcödé ✓\nnew line"]
+
+
+def dm_for(tmp_path: Path, **kw) -> CausalLMDataModule:
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    return CausalLMDataModule(DataConfig(**kw), seed=0)
+
+
+# ---------------------------------------------------------------- sources and splits
+def test_single_file_split_is_contiguous_like_nanogpt(tmp_path: Path) -> None:
+    corpus = load_corpus(DataConfig(path="text", data_files=str(SHAKESPEARE), cache_dir=str(tmp_path)))
+    train, val = corpus.train[0]["text"], corpus.validation[0]["text"]
+    text = SHAKESPEARE.read_text()
+    assert (len(train), len(val)) == (1_003_854, 111_540)  # nanoGPT's prepare.py numbers
+    assert train + val == text
+
+
+def test_jsonl_csv_and_split_dict(tmp_path: Path) -> None:
+    rows = [{"body": f"document number {i}. " * 5} for i in range(20)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    corpus = load_corpus(DataConfig(path=None, data_files=str(tmp_path / "a.jsonl"), text_column="body"))
+    assert len(corpus.train) == 18 and len(corpus.validation) == 2
+    assert corpus.train.column_names == ["text"]
+    (tmp_path / "t.csv").write_text("text\n" + "\n".join(f"row {i}" for i in range(10)))
+    (tmp_path / "v.csv").write_text("text\nheld out\n")
+    corpus = load_corpus(DataConfig(path=None, data_files={"train": str(tmp_path / "t.csv"),
+                                                           "validation": str(tmp_path / "v.csv")}))
+    assert len(corpus.train) == 10 and corpus.validation[0]["text"] == "held out"
+
+
+def test_multi_document_split_is_deterministic() -> None:
+    a = load_corpus(DataConfig())  # built-in corpus
+    b = load_corpus(DataConfig())
+    assert len(a.train) > 300 and len(a.validation) > 30
+    assert a.validation["text"][:5] == b.validation["text"][:5]
+    assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "data file not found"),
+    (b"", "is empty"),
+    (b"caf\xe9 au lait\n" * 10, "not UTF-8 text"),
+    (b"\x00\x01\x02binary", "not text"),
+])
+def test_bad_files_fail_with_the_file_name(tmp_path: Path, content: bytes | None, match: str) -> None:
+    f = tmp_path / "corpus.txt"
+    if content is not None:
+        f.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        load_corpus(DataConfig(path="text", data_files=str(f)))
+
+
+def test_hub_dataset_offline_fails_fast_with_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_lab.data import hub
+
+    hub.hub_reachable.cache_clear()
+    with pytest.raises(DataError, match=r"Hub is unreachable.*data\.path=text data\.data_files="):
+        load_corpus(DataConfig(path="Salesforce/wikitext", name="wikitext-2-raw-v1"))
+    hub.hub_reachable.cache_clear()
+
+
+def test_missing_text_column(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
+    with pytest.raises(DataError, match=r"column 'text' not in the dataset.*data\.text_column"):
+        load_corpus(DataConfig(path=None, data_files=str(tmp_path / "a.jsonl")))
+
+
+# ---------------------------------------------------------------- tokenizers
+@pytest.mark.parametrize("kind", ["bpe", "char", "wordpiece"])
+def test_tokenizer_round_trip_and_hf_reload(tmp_path: Path, kind: str) -> None:
+    corpus = SHAKESPEARE.read_text()[:50_000]
+    tok = train_tokenizer(kind, [corpus] + TEXTS, vocab_size=300)
+    family = "bert" if kind == "wordpiece" else "gpt"
+    save_hf(tok, tmp_path / "tok", family)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert hf(text, add_special_tokens=False)["input_ids"] == ids
+    decoded = tok.decode(ids)
+    if kind == "wordpiece":
+        assert decoded == "first citizen : before we proceed any further, hear me speak.".replace(" ,", ",")
+    else:
+        assert decoded == text  # byte-level BPE and char are lossless
+    assert hf.decode(ids) == decoded
+    if kind != "wordpiece":
+        assert tok.token_to_id(EOT) is not None and hf.eos_token == EOT
+    # An HF tokenizer directory loads back as the same tokenizer.
+    assert load_tokenizer(str(tmp_path / "tok")).encode(text).ids == tok.encode(text).ids
+
+
+def test_bpe_is_lossless_on_unicode() -> None:
+    tok = train_tokenizer("bpe", TEXTS * 3, vocab_size=300)
+    for t in TEXTS:
+        assert tok.decode(tok.encode(t).ids) == t
+
+
+def test_missing_tokenizer_directory() -> None:
+    with pytest.raises(TokenizerError, match="not found"):
+        load_tokenizer("./no/such/tokenizer")
+
+
+# ---------------------------------------------------------------- packing and cache
+def test_packing_hand_written_documents(tmp_path: Path) -> None:
+    docs = ["abc", "de", "fghij"]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("\n".join(json.dumps({"text": d}) for d in docs + ["zz"] * 1))
+    dm = dm_for(tmp_path, path="json", data_files={"train": str(f), "validation": str(f)}, tokenizer="char",
+                block_size=4, batch_size=1, val_split="validation")
+    dm.prepare_data()
+    dm.setup()
+    tok = dm.tokenizer
+    eot = tok.token_to_id(EOT)
+    stream = np.load(dm.token_cache() / "train.npy")
+    expected = []
+    for d in docs + ["zz"]:
+        expected += [tok.token_to_id(c) for c in d] + [eot]
+    assert stream.tolist() == expected  # documents joined by EOT, nothing dropped or padded
+    # Blocks of 4 inputs, targets shifted by one, consecutive blocks share one boundary token.
+    assert len(dm.train_set) == (len(expected) - 1) // 4
+    first, second = dm.train_set[0], dm.train_set[1]
+    assert first["input_ids"].tolist() == expected[0:4] and first["labels"].tolist() == expected[1:5]
+    assert second["input_ids"].tolist() == expected[4:8]
+    assert tok.decode(first["input_ids"].tolist(), skip_special_tokens=False) == "abc" + EOT
+
+
+def test_cache_is_reused_and_keyed(tmp_path: Path) -> None:
+    kw = dict(path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=64, batch_size=4)
+    dm = dm_for(tmp_path, **kw)
+    dm.prepare_data()
+    entry = dm.token_cache()
+    stamp = (entry / "train.npy").stat().st_mtime_ns
+    dm2 = dm_for(tmp_path, **kw)
+    dm2.prepare_data()
+    assert dm2.token_cache() == entry and (entry / "train.npy").stat().st_mtime_ns == stamp
+    # block_size is applied when reading, so it shares the cache; a new tokenizer does not.
+    assert dm_for(tmp_path, **{**kw, "block_size": 32}).token_cache() == entry
+    assert dm_for(tmp_path, **{**kw, "tokenizer": "bpe", "vocab_size": 300}).token_cache() != entry
+    assert not list(entry.parent.glob("*.tmp-*"))
+
+
+def test_interrupted_cache_build_is_not_trusted(tmp_path: Path) -> None:
+    kw = dict(path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=64, batch_size=4)
+    dm = dm_for(tmp_path, **kw)
+    dm.prepare_data()
+    entry = dm.token_cache()
+    with open(entry / "train.npy", "r+b") as fh:  # simulate a torn write
+        fh.truncate(1000)
+    dm2 = dm_for(tmp_path, **kw)
+    dm2.prepare_data()
+    dm2.setup()
+    assert len(dm2.train_set) == (1_003_854 + 1 - 1) // 64  # rebuilt in full (+1 for the EOT)
+
+
+def test_corpus_too_short_for_one_block(tmp_path: Path) -> None:
+    f = tmp_path / "short.txt"
+    f.write_text("just a few words here\n")
+    dm = dm_for(tmp_path, path="text", data_files=str(f), tokenizer="char", block_size=64, batch_size=1)
+    with pytest.raises(DataError, match=r"too short for one block of data\.block_size=64"):
+        dm.setup()
