@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     import lightning as L
 
-    from lm_lab.checkpoint import resolve_ckpt_path, tokenizer_from_checkpoint
+    from lm_lab.checkpoint import init_weights_from, resolve_ckpt_path, tokenizer_from_checkpoint
     from lm_lab.config import ConfigError
     from lm_lab.data.datamodule import datamodule_for
     from lm_lab.data.tokenizer import save_hf
@@ -62,13 +62,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                           f"{model_cfg.max_seq_len}: lower data.block_size or raise model.max_seq_len")
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    # Weights only, fresh optimizer/schedule/data position (e.g. BERT's phase 2); a resume wins over it.
+    init_from = cfg.get("init_from") if ckpt_path is None else None
 
     L.seed_everything(cfg.seed, workers=True)
 
-    # 2. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
+    # 2. Trainer, callbacks, loggers.
+    callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None]
+    trainer: L.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    micro, accum = data_cfg.micro_batch(trainer.world_size)
+    trainer.accumulate_grad_batches = accum
+
+    # 3. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
     dm = datamodule_for(model_cfg.family)(data_cfg, seed=cfg.seed)
+    dm.configure_batching(micro)
     if ckpt_path is not None:
         dm._tokenizer = tokenizer_from_checkpoint(ckpt_path)
+    elif init_from:
+        dm._tokenizer = tokenizer_from_checkpoint(init_from)
     tokenizer = dm.tokenizer
     n_vocab = tokenizer.get_vocab_size()
     if model_cfg.vocab_size is None:
@@ -77,16 +89,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ConfigError(f"the tokenizer has {n_vocab} tokens but model.vocab_size={model_cfg.vocab_size}: "
                           f"use model.vocab_size=null (take it from the tokenizer) or a matching tokenizer")
 
-    # 3. Trainer, callbacks, loggers.
-    callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None]
-    trainer: L.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    micro, accum = data_cfg.micro_batch(trainer.world_size)
-    trainer.accumulate_grad_batches = accum
-    dm.configure_batching(micro)
-
     # 4. The recipe.
     task = task_for(model_cfg.family)(model_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer)
+    if init_from:
+        init_weights_from(task, init_from)
     if cfg.get("compile"):
         task.net.compile()
     if trainer.is_global_zero:
@@ -125,7 +131,9 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
     last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
     print(f"run directory: {output_dir}")
     if last is not None and last.exists():
-        print(f"checkpoint:    {last}\n  use it:  python -m lm_lab.generate {last} --prompt 'Hello'\n"
+        use = (f"python -m lm_lab.fill_mask {last} 'The [MASK] is here.'" if task.family == "bert"
+               else f"python -m lm_lab.generate {last} --prompt 'Hello'")
+        print(f"checkpoint:    {last}\n  use it:  {use}\n"
               f"  export:  python -m lm_lab.export {last} {output_dir / 'hf'}")
 
 

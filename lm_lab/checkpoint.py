@@ -86,6 +86,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return task.to(map_location).eval()
 
 
+def init_weights_from(task: Any, path: str | Path) -> None:
+    """Copy a checkpoint's weights (and ``tokens_seen``) into ``task``; nothing else is restored.
+
+    For a new run that starts from trained weights (``init_from=``), e.g. BERT's phase 2 at 512
+    tokens after phase 1 at 128: the optimizer, LR schedule, step count and data position start fresh.
+    """
+    ckpt = read_checkpoint(path)
+    family = ckpt["hyper_parameters"].get("family")
+    if family != task.family:
+        raise CheckpointError(f"init_from={path} is a {family} checkpoint but model is {task.family}: "
+                              "pick a checkpoint of the same model family")
+    state = {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}
+    try:
+        task.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"init_from={path} does not fit this model ({first}): use the model.* sizes "
+                              "of the run that wrote it") from e
+    log.info("initialised weights from %s (%s tokens seen before)", path, f"{int(task.tokens_seen):,}")
+
+
 def _model_config(family: str, values: dict[str, Any]) -> Any:
     if family == "gpt":
         from lm_lab.models.gpt import GPTConfig

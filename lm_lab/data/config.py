@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lm_lab.config import ConfigBase
+from lm_lab.config import ConfigBase, ConfigError
 
 DataFiles = str | list[str] | dict[str, Any] | None
 
@@ -70,11 +70,11 @@ class DataConfig(ConfigBase):
         """
         per_device, rem = divmod(self.batch_size, world_size)
         if rem:
-            raise ValueError(f"data.batch_size={self.batch_size} is not divisible by the {world_size} devices: "
+            raise ConfigError(f"data.batch_size={self.batch_size} is not divisible by the {world_size} devices: "
                              f"use a multiple of {world_size}")
         micro = self.micro_batch_size or per_device
         accum, rem = divmod(per_device, micro)
         if rem or accum == 0:
-            raise ValueError(f"data.batch_size={self.batch_size} / {world_size} devices is not a multiple of "
+            raise ConfigError(f"data.batch_size={self.batch_size} / {world_size} devices is not a multiple of "
                              f"data.micro_batch_size={micro}: pick a micro-batch size that divides it")
         return micro, accum

@@ -1,0 +1,95 @@
+"""`python train.py` as a user runs it: the default run, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SHAKESPEARE
+
+TRAIN = str(REPO / "train.py")
+FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", "sample_tokens=4", "callbacks.text_samples.max_new_tokens=2"]
+
+
+def run_train(args: list[str], cwd: Path, cache: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "LM_LAB_CACHE": str(cache), "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **env}
+    full_env.pop("WANDB_MODE") if not full_env["WANDB_MODE"] else None
+    return subprocess.run([sys.executable, TRAIN, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return [p for p in (cwd / "logs").glob("*/runs/*") if p.is_dir()]
+
+
+def test_default_run_offline_with_wandb_and_csv(tmp_path: Path, shared_cache: Path) -> None:
+    """The no-argument run (default model, corpus, loggers incl. offline W&B), shortened."""
+    env = {"HF_HUB_OFFLINE": "1", "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    r = run_train(FAST, tmp_path, shared_cache, **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = run_dirs(tmp_path)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "metrics.csv").is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "W&B should log offline without a login"
+    assert "--- sample" in r.stdout and "run directory: " in r.stdout and "final metrics: {'val/loss'" in r.stdout
+
+
+@pytest.mark.slow
+def test_default_run_no_arguments(tmp_path: Path, shared_cache: Path) -> None:
+    r = run_train([], tmp_path, shared_cache, timeout=900, HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "final metrics: {'val/loss'" in r.stdout
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD = {
+    "missing data file": (["data=files", "data.data_files=nope/missing.txt"], "data file not found: nope/missing.txt"),
+    "empty data file": (["data=files", "data.data_files={tmp}/empty.txt"], "is empty"),
+    "not UTF-8": (["data=files", "data.data_files={tmp}/latin1.txt"], "is not UTF-8 text"),
+    "hub offline": (["data=wikitext2"], "Hugging Face Hub is unreachable"),
+    "n_embd % n_head": (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 is not divisible by model.n_head=3"),
+    "block > max_seq_len": (["data.block_size=1024"], "data.block_size=1024 is larger than model.max_seq_len=256"),
+    "corpus too short": (["data=files", "data.data_files={tmp}/short.txt", "data.tokenizer=char"],
+                         "too short for one block"),
+    "unknown key (+)": (["+model.n_layrs=2"], "unknown config key model.n_layrs"),
+    "wrong type": (["model.n_layer=two"], "model.n_layer='two' has the wrong type"),
+    "negative lr": (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be > 0"),
+    "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "checkpoint not found"),
+    "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "is corrupt or truncated"),
+    "vocab mismatch": (["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer=char", "model.vocab_size=10"],
+                       "the tokenizer has 67 tokens but model.vocab_size=10"),
+    "batch not divisible": (["data.batch_size=16", "data.micro_batch_size=5"], "not a multiple of data.micro_batch_size=5"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_error_nonzero_exit_no_output(case: str, tmp_path: Path, shared_cache: Path) -> None:
+    _write(tmp_path / "empty.txt", b"")
+    _write(tmp_path / "latin1.txt", "café crème brûlée\n".encode("latin-1") * 50)
+    _write(tmp_path / "short.txt", b"too short\n")
+    _write(tmp_path / "corrupt.ckpt", b"PK\x03\x04 this is not a checkpoint")
+    args, message = BAD[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = run_train(["model=gpt_tiny", "logger=csv", *args], tmp_path, shared_cache, HF_HUB_OFFLINE="1")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert run_dirs(tmp_path) == [], "a failed run must not leave a run directory behind"
+
+
+def test_misspelled_override_is_rejected_by_hydra_with_the_key(tmp_path: Path, shared_cache: Path) -> None:
+    r = run_train(["model.n_layrs=2"], tmp_path, shared_cache)
+    assert r.returncode != 0
+    assert "model.n_layrs" in r.stderr and "Traceback" not in r.stderr
+    assert run_dirs(tmp_path) == []
