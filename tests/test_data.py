@@ -175,3 +175,29 @@ def test_corpus_too_short_for_one_block(tmp_path: Path) -> None:
     dm = dm_for(tmp_path, path="text", data_files=str(f), tokenizer="char", block_size=64, batch_size=1)
     with pytest.raises(DataError, match=r"too short for one block of data\.block_size=64"):
         dm.setup()
+
+
+def test_streaming_reads_lazily_and_packs_blocks(tmp_path: Path) -> None:
+    lines = SHAKESPEARE.read_text().split("\n\n")[:400]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in lines))
+    dm = dm_for(tmp_path, path="json", data_files=str(f), streaming=True, streaming_val_docs=20, tokenizer="char",
+                block_size=16, batch_size=2)
+    from datasets import IterableDataset
+
+    assert isinstance(dm.corpus.train, IterableDataset)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 16)
+    assert torch_equal_shifted(batch)
+    # Validation is the first 20 documents, held in memory, same every time.
+    tok = dm.tokenizer
+    first_val = tok.decode(dm.val_set[0]["input_ids"].tolist(), skip_special_tokens=False)
+    assert first_val == (lines[0] + EOT)[:16]
+    # Training starts after the held-out documents.
+    first_train = tok.decode(batch["input_ids"][0].tolist(), skip_special_tokens=False)
+    assert first_train == (lines[20] + EOT + lines[21])[:16]
+
+
+def torch_equal_shifted(batch: dict) -> bool:
+    return bool((batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all())

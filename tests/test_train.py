@@ -113,3 +113,15 @@ def test_every_preset_and_experiment_composes_and_instantiates(compose_cfg) -> N
                     hydra.utils.instantiate(node, _convert_="all")
         if cfg.trainer.accelerator in ("cpu", "auto") and cfg.trainer.get("strategy") == "auto":
             hydra.utils.instantiate(cfg.trainer, _convert_="all")
+
+
+def test_streaming_corpus_trains_end_to_end(compose_cfg, tmp_path: Path) -> None:
+    import json
+
+    docs = SHAKESPEARE.read_text().split("\n\n")[:300]
+    f = tmp_path / "stream.jsonl"
+    f.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    cfg = compose_cfg(*TINY, "data=files", f"data.data_files={f}", "data.streaming=true",
+                      "data.streaming_val_docs=30", "data.tokenizer=char")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 6 and metrics["val/loss"] < 4.5

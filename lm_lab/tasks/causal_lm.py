@@ -25,6 +25,9 @@ class CausalLMTask(PretrainTask):
     ) -> None:
         super().__init__(model_cfg, optimizer, scheduler, tokenizer)
         self.net = GPT(model_cfg)
+        # Training FLOPs per token (PaLM appendix B): 6N for the weights plus attention's 12*L*C*T.
+        c = model_cfg
+        self.flops_per_token = 6 * self.net.num_params() + 12 * c.n_layer * c.n_embd * c.max_seq_len
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V)."""

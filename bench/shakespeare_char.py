@@ -1,0 +1,125 @@
+"""nanoGPT's CPU Tiny Shakespeare recipe: lm_lab's whole run vs a plain PyTorch loop.
+
+    python bench/shakespeare_char.py [--repeats 3] [--data ../shared/data/tinyshakespeare/input.txt]
+
+Both sides train the same recipe (4 layers, 4 heads, 128 dims, block 64, batch 12, 2,000 steps,
+lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0,
+no dropout, no bias; 20 validation batches every 250 steps):
+
+- ``lm_lab``: ``python train.py experiment=nanogpt_shakespeare_char_cpu`` as a user runs it (a
+  fresh process: imports, data loading, tokenizer, Lightning, validation, checkpoints, CSV log).
+- ``plain loop``: nanoGPT's ``train.py`` algorithm written out in plain PyTorch in a fresh process
+  (random windows, ``estimate_loss`` on train and val every 250 steps), same network class.
+
+Runs alternate (A, B, A, B, ...) so machine noise hits both; the table gives medians and the
+ratio. nanoGPT's own figures on this kind of machine (../shared/data/README.md): val loss 1.886,
+about 125 s for the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+PLAIN_LOOP = r'''
+import math, sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from lm_lab.models.gpt import GPT, GPTConfig
+torch.manual_seed(1337)
+text = open(sys.argv[1], encoding="utf-8").read()
+chars = sorted(set(text)); stoi = {c: i for i, c in enumerate(chars)}
+data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+n = int(0.9 * len(data)); train_data, val_data = data[:n], data[n:]
+B, T, iters, eval_every, eval_iters = 12, 64, 2000, 250, 20
+def get_batch(split):
+    d = train_data if split == "train" else val_data
+    ix = torch.randint(len(d) - T, (B,))
+    return torch.stack([d[i:i + T] for i in ix]), torch.stack([d[i + 1:i + 1 + T] for i in ix])
+model = GPT(GPTConfig(vocab_size=len(chars), n_layer=4, n_head=4, n_embd=128, max_seq_len=T, dropout=0.0,
+                      bias=False, activation="gelu"))
+decay = [p for p in model.parameters() if p.dim() >= 2]; no_decay = [p for p in model.parameters() if p.dim() < 2]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                        lr=1e-3, betas=(0.9, 0.99))
+def get_lr(it, lr=1e-3, warmup=100, decay_iters=2000, min_lr=1e-4):
+    if it < warmup: return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters: return min_lr
+    r = (it - warmup) / (decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * r)) * (lr - min_lr)
+@torch.no_grad()
+def estimate_loss():
+    model.eval(); out = {}
+    for split in ("train", "val"):
+        out[split] = sum(model.loss(*get_batch(split)).item() for _ in range(eval_iters)) / eval_iters
+    model.train(); return out
+val = None
+for it in range(iters + 1):
+    for g in opt.param_groups: g["lr"] = get_lr(it)
+    if it % eval_every == 0 and it > 0:
+        val = estimate_loss()["val"]
+    if it == iters: break
+    x, y = get_batch("train")
+    loss = model.loss(x, y)
+    opt.zero_grad(set_to_none=True); loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+print(f"VAL {val:.4f}")
+'''
+
+
+def run_lm_lab(data: Path, workdir: Path) -> tuple[float, float]:
+    cmd = [sys.executable, str(REPO / "train.py"), "experiment=nanogpt_shakespeare_char_cpu",
+           f"data.data_files={data}", "logger=csv", "trainer.enable_progress_bar=false",
+           f"hydra.run.dir={workdir}/run"]
+    env = {**os.environ, "LM_LAB_CACHE": str(workdir / "cache"), "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    rows = list(csv.DictReader(open(workdir / "run" / "metrics.csv")))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss") and r.get("step") in ("1999", "2000")]
+    return wall, val[-1]
+
+
+def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
+    script = workdir / "plain_loop.py"
+    script.write_text(PLAIN_LOOP)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(script), str(data), str(REPO)], check=True, capture_output=True,
+                         text=True).stdout
+    wall = time.perf_counter() - t0
+    return wall, float(out.split("VAL")[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = p.parse_args()
+    results: dict[str, list[tuple[float, float]]] = {"lm_lab": [], "plain loop": []}
+    for i in range(args.repeats):
+        for name, fn in (("lm_lab", run_lm_lab), ("plain loop", run_plain)):
+            with tempfile.TemporaryDirectory() as d:
+                wall, val = fn(args.data.resolve(), Path(d))
+            results[name].append((wall, val))
+            print(f"  repeat {i + 1}: {name:<10} {wall:6.1f} s  val/loss {val:.4f}", flush=True)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(x for _, x in v)) for k, v in results.items()}
+    print(f"\nnanoGPT CPU recipe, Tiny Shakespeare char, 2,000 steps; median of {args.repeats} "
+          f"(torch {__import__('torch').__version__}, {os.cpu_count()} CPUs)\n")
+    print("| run | whole-run wall time (s) | val loss at step 2,000 | time vs plain loop |")
+    print("| --- | ---: | ---: | ---: |")
+    base = med["plain loop"][0]
+    for name, (wall, val) in med.items():
+        print(f"| {name} | {wall:.1f} | {val:.4f} | {wall / base:.2f}x |")
+    print("| nanoGPT (reference, ../shared/data/README.md) | ~125 | 1.886 | |")
+
+
+if __name__ == "__main__":
+    main()
