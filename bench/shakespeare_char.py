@@ -83,7 +83,8 @@ def run_lm_lab(data: Path, workdir: Path) -> tuple[float, float]:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    rows = list(csv.DictReader(open(workdir / "run" / "metrics.csv")))
+    with open(workdir / "run" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss") and r.get("step") in ("1999", "2000")]
     return wall, val[-1]
 

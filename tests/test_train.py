@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lm_lab
-from lm_lab.checkpoint import read_checkpoint
 from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config
 from train import train
 
@@ -36,7 +35,7 @@ def test_train_writes_metrics_checkpoints_and_tokenizer(trained: dict) -> None:
     assert {"val/loss", "val/ppl", "train/loss"} <= set(metrics)
     assert metrics["val/loss"] < 4.3  # below uniform over 67 chars (ln 67 = 4.2) after 6 steps
     assert trained["ckpt"].is_file()
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     keys = set().union(*(r.keys() for r in rows))
     assert {"train/loss", "val/loss", "val/ppl", "lr", "tokens_seen"} <= keys
     tokens = [float(r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
