@@ -201,3 +201,23 @@ def test_streaming_reads_lazily_and_packs_blocks(tmp_path: Path) -> None:
 
 def torch_equal_shifted(batch: dict) -> bool:
     return bool((batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all())
+
+
+def test_window_sampling_like_nanogpt(tmp_path: Path) -> None:
+    kw = dict(path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=64, batch_size=4,
+              sampling="windows")
+    dm = dm_for(tmp_path, **kw)
+    dm.setup()
+    loader = dm.train_dataloader()
+    sampler = loader.sampler
+    starts = list(iter(sampler))
+    assert len(starts) == len(dm.train_set) == (1_003_855 - 1) // 64  # one epoch = as many windows as blocks
+    assert any(s % 64 for s in starts[:50])  # arbitrary offsets, not block boundaries
+    assert max(starts) <= dm.train_set.n_tokens - 65
+    again = list(iter(sampler))
+    assert again == starts  # same seed and epoch: same windows
+    sampler.set_epoch(1)
+    assert list(iter(sampler))[:20] != starts[:20]
+    item = dm.train_set[starts[0]]
+    tokens = np.load(dm.token_cache() / "train.npy")
+    assert item["input_ids"].tolist() == tokens[starts[0] : starts[0] + 64].tolist()

@@ -37,6 +37,9 @@ class DataConfig(ConfigBase):
     lowercase: bool = True
     strip_accents: bool | None = None
     block_size: int = 256
+    # blocks: each epoch visits every fixed block once, shuffled. windows: nanoGPT's sampling,
+    # windows at uniformly random token offsets (as many per epoch as there are blocks).
+    sampling: Literal["blocks", "windows"] = "blocks"
     batch_size: int = 32
     micro_batch_size: int | None = None
     num_workers: int = 0

@@ -69,11 +69,14 @@ class PackedBlocks(Dataset):
     """Fixed blocks of ``block_size + 1`` tokens from a flat token file (memory-mapped).
 
     ``__getitem__`` returns ``{"input_ids": (T,), "labels": (T,)}`` with labels shifted by one.
+    With ``windows=True`` the index is a token offset instead (any of ``n_windows`` starts), for
+    nanoGPT's sampling of random windows.
     """
 
-    def __init__(self, path: str | Path, block_size: int) -> None:
+    def __init__(self, path: str | Path, block_size: int, windows: bool = False) -> None:
         self.path = str(path)
         self.block_size = block_size
+        self.windows = windows
         self._tokens: np.ndarray | None = None
         self.n_tokens = int(np.load(self.path, mmap_mode="r").shape[0])
 
@@ -87,8 +90,12 @@ class PackedBlocks(Dataset):
     def __len__(self) -> int:
         return max(0, (self.n_tokens - 1) // self.block_size)
 
+    @property
+    def n_windows(self) -> int:
+        return max(0, self.n_tokens - self.block_size)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.block_size
+        start = i if self.windows else i * self.block_size
         chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
         return {"input_ids": chunk[:-1], "labels": chunk[1:]}
 

@@ -16,8 +16,11 @@ class ResumableSampler(Sampler[int]):
     the same number of samples (the tail that does not divide evenly is dropped).
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 with_replacement: int | None = None) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        # nanoGPT-style sampling: ``with_replacement`` uniform draws from range(n) per epoch.
+        self.with_replacement = with_replacement
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0
@@ -26,8 +29,11 @@ class ResumableSampler(Sampler[int]):
         self.epoch = epoch
 
     def order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.with_replacement is not None:
+            per_rank = self.with_replacement // self.world_size
+            return torch.randint(self.n, (per_rank * self.world_size,), generator=g)[self.rank :: self.world_size]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             idx = torch.randperm(self.n, generator=g)
         else:
             idx = torch.arange(self.n)
@@ -41,7 +47,7 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         # Constant, even while skipping: Lightning counts the resumed epoch's batches from its
         # own restored progress, so the loader's length must stay the full epoch's.
-        return self.n // self.world_size
+        return (self.with_replacement or self.n) // self.world_size
 
     def state_dict(self, consumed: int) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": consumed, "seed": self.seed, "n": self.n}
