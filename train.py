@@ -7,6 +7,7 @@ the optimized metric for sweepers.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -45,11 +46,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     import dataclasses
 
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from lm_lab.checkpoint import init_weights_from, resolve_ckpt_path, tokenizer_from_checkpoint
+    from lm_lab.checkpoint import (
+        AtomicCheckpointIO,
+        check_init_from,
+        check_resume,
+        init_weights_from,
+        remove_partial_checkpoints,
+        resolve_ckpt_path,
+        tokenizer_from_checkpoint,
+    )
     from lm_lab.config import ConfigError
     from lm_lab.data.datamodule import datamodule_for
     from lm_lab.data.tokenizer import save_hf
+    from lm_lab.loggers import guard_loggers
     from lm_lab.tasks import task_for
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy.
@@ -60,17 +71,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if data_cfg.block_size > model_cfg.max_seq_len:
         raise ConfigError(f"data.block_size={data_cfg.block_size} is larger than model.max_seq_len="
                           f"{model_cfg.max_seq_len}: lower data.block_size or raise model.max_seq_len")
+    _check_budget(cfg.trainer)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
+        check_resume(ckpt_path, model_cfg, data_cfg, cfg.seed, optim_cfg, sched_cfg)
     # Weights only, fresh optimizer/schedule/data position (e.g. BERT's phase 2); a resume wins over it.
     init_from = cfg.get("init_from") if ckpt_path is None else None
+    if init_from:
+        check_init_from(init_from, data_cfg)
 
     L.seed_everything(cfg.seed, workers=True)
 
     # 2. Trainer, callbacks, loggers.
     callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None]
-    trainer: L.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    loggers = guard_loggers([_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None])
+    if not loggers:  # LearningRateMonitor refuses to run without a logger (the task logs `lr` itself anyway)
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
+    trainer: L.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                                plugins=[AtomicCheckpointIO()])
     micro, accum = data_cfg.micro_batch(trainer.world_size)
     trainer.accumulate_grad_batches = accum
 
@@ -97,6 +117,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         task.net.compile()
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir / "checkpoints")
         save_hf(tokenizer, output_dir / "tokenizer", model_cfg.family)
         resolved = _plain(cfg)
         for lg in trainer.loggers:
@@ -105,7 +126,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                  type(task.net).__name__, f"{task.num_params():,}", data_cfg.batch_size, data_cfg.block_size,
                  micro, accum, trainer.world_size)
 
-    trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:
+        # Preempted: Lightning stopped at the step boundary after SIGTERM and RunCheckpoint saved last.ckpt.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        if trainer.is_global_zero:
+            print(f"stopped by SIGTERM after step {trainer.global_step}; resume with the same command plus "
+                  f"ckpt_path=last hydra.run.dir={output_dir}")
+        return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg, "preempted": True}
     if cfg.get("final_validation", True) and "val/loss" not in trainer.callback_metrics:
         trainer.validate(task, datamodule=dm, verbose=False)
 
@@ -113,6 +142,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
+
+
+def _check_budget(trainer_cfg: Any) -> None:
+    """A run must end: positive ``max_steps``, or ``max_steps=-1`` with a positive ``max_epochs``."""
+    from lm_lab.config import ConfigError
+
+    steps, epochs = trainer_cfg.get("max_steps"), trainer_cfg.get("max_epochs")
+    if steps is not None and steps != -1 and steps <= 0:
+        raise ConfigError(f"trainer.max_steps={steps} must be > 0 (or -1 to train for trainer.max_epochs epochs)")
+    if steps in (None, -1) and (epochs is None or epochs <= 0):
+        raise ConfigError(f"trainer.max_steps={steps} and trainer.max_epochs={epochs}: the run would never stop; "
+                          "set trainer.max_steps=<optimizer steps> (or trainer.max_epochs=<epochs>)")
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
@@ -145,9 +186,15 @@ def main(cfg: DictConfig) -> float | None:
     existed = (output_dir / "checkpoints").exists()
     try:
         metrics, _ = train(cfg)
-    except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+            raise
+        message = str(e)
+        if isinstance(e, OSError):  # a full disk anywhere else (logs, tokenizer, ...)
+            message = (f"disk full while writing {e.filename or 'a file'}: free space there, or point hydra.run.dir "
+                       "(checkpoints, logs) or paths.cache_dir (tokenized data) at a disk with room")
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         if not existed and not (output_dir / "checkpoints").exists():
             # Nothing was trained: leave no half-written run directory behind.
             logging.shutdown()

@@ -1,13 +1,18 @@
-"""Reading checkpoints safely: ``torch.load(weights_only=True)`` only, clear errors."""
+"""Reading checkpoints safely: ``torch.load(weights_only=True)`` only, clear errors; writing them
+atomically (``AtomicCheckpointIO``); choosing and vetting the checkpoint a run resumes from."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
 log = logging.getLogger("lm_lab")
@@ -36,23 +41,214 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+NONFINITE_PREFIX = "nonfinite-"  # written when a run stops on non-finite losses; never resumed by "last"
+
+
+def find_checkpoints(output_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest first: ``checkpoints/*.ckpt`` and Lightning's SLURM
+    ``hpc_ckpt_*.ckpt`` (written on SIGUSR1 before a requeue); last.ckpt wins a tie."""
+    found = [p for p in (output_dir / "checkpoints").glob("*.ckpt") if not p.name.startswith(NONFINITE_PREFIX)]
+    found += list(output_dir.glob("hpc_ckpt_*.ckpt"))
+    return sorted((p for p in found if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"),
+                  reverse=True)
+
+
 def resolve_ckpt_path(value: str | None, output_dir: Path) -> Path | None:
-    """``None`` -> no resume; ``"last"`` -> newest checkpoint in ``output_dir`` or None; else a path."""
+    """``None`` -> no resume; ``"last"`` -> newest readable checkpoint of ``output_dir`` or None; else a path."""
     if value in (None, "", "null"):
         return None
     if value == "last":
-        ckpt_dir = output_dir / "checkpoints"
-        last = ckpt_dir / "last.ckpt"
-        candidates = [last] if last.is_file() else sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        candidates = find_checkpoints(output_dir)
         if not candidates:
-            log.info("ckpt_path=last: no checkpoint in %s, starting fresh", ckpt_dir)
+            log.info("ckpt_path=last: no checkpoint in %s, starting fresh", output_dir / "checkpoints")
             return None
-        path = candidates[-1]
-        log.info("ckpt_path=last: resuming from %s", path)
-    else:
-        path = Path(value).expanduser()
-    read_checkpoint(path)  # validates before anything heavy starts
+        for path in candidates:
+            try:
+                read_checkpoint(path)
+            except CheckpointError as e:
+                # A checkpoint damaged outside lm_lab (ours are written atomically): fall back to the previous one.
+                log.warning("ckpt_path=last: skipping %s: %s", path, e)
+                continue
+            log.info("ckpt_path=last: resuming from %s", path)
+            return path
+        raise CheckpointError(f"ckpt_path=last: none of the {len(candidates)} checkpoints in {output_dir} can be "
+                              "read: start a new run (ckpt_path=null and another hydra.run.dir)")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"ckpt_path={path} is a directory: pass a checkpoint file, e.g. "
+                              f"{path / 'checkpoints' / 'last.ckpt'}, or ckpt_path=last with hydra.run.dir={path}")
+    try:
+        read_checkpoint(path)  # validates before anything heavy starts
+    except CheckpointError as e:
+        others = [p for p in find_checkpoints(path.parent.parent) if p.resolve() != path.resolve()] \
+            if path.parent.name == "checkpoints" else []
+        if others and path.is_file():
+            raise CheckpointError(f"{e} (e.g. ckpt_path={others[0]})") from None
+        raise
     return path
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, fsyncs it, then renames it into place.
+
+    Readers (and a resumed run) see the old file or the new one, never half of one. Lightning's
+    ``TorchCheckpointIO`` stages the file in the system temp directory and *moves* it, which is a
+    copy when that directory is another file system (usual on clusters): a kill during the copy
+    leaves a truncated checkpoint. A full disk is reported as one line and the previous file is kept.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's fsspec transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        f = None
+        try:
+            with open(tmp, "wb") as raw:
+                f = _WriteErrors(raw)
+                torch.save(checkpoint, f)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            # torch.save reports a failed write as a RuntimeError of its zip writer; the OSError is kept here.
+            cause = e if isinstance(e, OSError) else getattr(f, "error", None)
+            if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+                kept = "the previous version is intact" if path.exists() else "nothing was written"
+                raise CheckpointError(f"disk full while writing checkpoint {path} ({kept}): free space on that "
+                                      "disk or set paths.log_dir / hydra.run.dir to one with room") from None
+            raise
+        return None
+
+
+class _WriteErrors:
+    """A file wrapper that remembers the first ``OSError`` raised by ``write``."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_partial_checkpoints(directory: Path) -> None:
+    """Delete temporary files of checkpoint writes killed by SIGKILL (their process is gone)."""
+    for tmp in directory.glob(".*.ckpt.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing a partial checkpoint left by a killed run: %s", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------- vetting a resume
+
+# Model settings that may change on resume (everything else must match the checkpoint).
+RESUME_FREE_MODEL_KEYS = ("dropout", "attn_dropout", "init_std")
+# Data settings that decide which samples come in which order; a resume must keep them.
+DATA_STREAM_KEYS = ("path", "name", "data_files", "text_column", "split", "val_split", "val_fraction", "sample_by",
+                    "streaming", "streaming_val_docs", "tokenizer", "vocab_size", "tokenizer_train_docs", "lowercase",
+                    "strip_accents", "block_size", "sampling", "batch_size", "pair_objective", "mlm_probability",
+                    "max_predictions", "whole_word_masking", "short_seq_prob", "dupe_factor")
+TOKENIZER_KEYS = ("tokenizer", "vocab_size", "lowercase", "strip_accents")
+
+
+def _diff(saved: dict[str, Any], now: dict[str, Any], keys: Any, section: str) -> list[str]:
+    """``section.key=now (checkpoint: saved)`` for each key set in both that differs."""
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return [f"{section}.{k}={norm(now[k])!r} (checkpoint: {norm(saved[k])!r})" for k in keys
+            if k in saved and k in now and now[k] is not None and norm(saved[k]) != norm(now[k])]
+
+
+def data_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a DataModule stored in the checkpoint (``TextDataModule.state_dict``), or {}."""
+    for key, value in ckpt.items():
+        if key.endswith("DataModule") and isinstance(value, dict):
+            return value
+    return {}
+
+
+def check_resume(path: Path, model_cfg: Any, data_cfg: Any, seed: int, optim_cfg: Any = None,
+                 sched_cfg: Any = None) -> None:
+    """Refuse (one line) a resume whose model or data stream differs from the checkpoint's."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    if hp.get("family") != model_cfg.family:
+        raise CheckpointError(f"ckpt_path={path} is a {hp.get('family')} checkpoint but model is {model_cfg.family}: "
+                              "pick the model preset it was trained with")
+    now = dataclasses.asdict(model_cfg)
+    model_keys = [k for k in hp["model"] if k not in RESUME_FREE_MODEL_KEYS]
+    changed = _diff(hp["model"], now, model_keys, "model")
+    if changed:
+        raise CheckpointError(f"ckpt_path={path} was trained with other model settings: {', '.join(changed)}: "
+                              "resume with the checkpoint's model settings, or start a new run (ckpt_path=null)")
+    dstate = data_state(ckpt)
+    saved_data = dstate.get("data")
+    if saved_data:
+        changed = _diff(saved_data, dataclasses.asdict(data_cfg), DATA_STREAM_KEYS, "data")
+        if "seed" in dstate and dstate["seed"] != seed:
+            changed.append(f"seed={seed} (checkpoint: {dstate['seed']})")
+        if changed:
+            raise CheckpointError(f"resuming {path} with a different data stream: {', '.join(changed)}: resume with "
+                                  f"the checkpoint's values, or start a new run from its weights with init_from={path}")
+    changed = [d for key, cfg in (("optimizer", optim_cfg), ("scheduler", sched_cfg)) if cfg is not None
+               for d in _diff(hp.get(key, {}), dataclasses.asdict(cfg), hp.get(key, {}).keys(), key)]
+    if changed:
+        log.warning("resuming with %s: the optimizer state (incl. its hyperparameters) is restored from the "
+                    "checkpoint; only the schedule's shape follows the new values", ", ".join(changed))
+
+
+def check_init_from(path: Path, data_cfg: Any) -> None:
+    """A model keeps its tokenizer: refuse ``init_from`` with explicitly different tokenizer settings."""
+    saved = data_state(read_checkpoint(path)).get("data")
+    if not saved:
+        return
+    now = dataclasses.asdict(data_cfg)
+    if now.get("tokenizer") in ("auto", saved.get("tokenizer")):
+        keys = [k for k in TOKENIZER_KEYS if k != "tokenizer"] if now.get("tokenizer") == "auto" else TOKENIZER_KEYS
+    else:
+        keys = TOKENIZER_KEYS
+    changed = _diff(saved, now, keys, "data")
+    if changed:
+        raise CheckpointError(f"init_from={path} has its own tokenizer, built with other settings: {', '.join(changed)}: "
+                              "drop these overrides (the checkpoint's tokenizer is used) or train from scratch")
 
 
 def tokenizer_from_checkpoint(path: str | Path) -> Tokenizer:

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+from lm_lab.callbacks.nonfinite import NonFiniteLossError
 from lm_lab.checkpoint import CheckpointError
 from lm_lab.config import ConfigError
 from lm_lab.data.sources import DataError
 from lm_lab.data.tokenizer import TokenizerError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TokenizerError, CheckpointError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TokenizerError, CheckpointError,
+                                            NonFiniteLossError)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import functools
 import logging
 import os
 from typing import Any
@@ -38,3 +40,80 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     if mode == "disabled":
         kwargs["mode"] = "disabled"
     return WandbLogger(offline=mode == "offline", **kwargs)
+
+
+# ---------------------------------------------------------------------- CSV that survives a resume
+
+
+def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **kwargs: Any) -> Any:
+    """A Lightning ``CSVLogger`` that *appends* to an existing ``metrics.csv``.
+
+    Lightning's deletes the file when its folder is not empty, so a run resumed into its own
+    directory would lose the interrupted attempt's rows. Steps logged after the resumed
+    checkpoint appear twice (the resumed attempt logs them again): keep the last row per step.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            path = self.metrics_file_path
+            if os.path.isfile(path) and os.path.getsize(path) > 0:
+                with open(path, newline="") as f:
+                    self.metrics_keys = next(csv.reader(f), [])  # the existing header, in its order
+                log.info("CSV logger: appending to %s", path)
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Any:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
+
+
+# ---------------------------------------------------------------------- loggers must not stop training
+
+_GUARDED = ("log_metrics", "log_hyperparams", "log_graph", "save", "finalize", "after_save_checkpoint")
+
+
+def guard_loggers(loggers: list[Any]) -> list[Any]:
+    """Start each logger now and drop, with a warning, those that cannot start (W&B without a
+    login in online mode, an unwritable save_dir, ...); afterwards a failing logger call is a
+    warning (once per logger and method), never a failed run."""
+    kept = []
+    for lg in loggers:
+        name = type(lg).__name__
+        try:
+            _ = lg.experiment  # creates the W&B run / TensorBoard writer / CSV folder
+        except Exception as e:
+            log.warning("logger %s could not start (%s: %s): training goes on without it", name, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            continue
+        for method in _GUARDED:
+            if hasattr(lg, method):
+                setattr(lg, method, _guarded(getattr(lg, method), name, method))
+        kept.append(lg)
+    return kept
+
+
+def _guarded(fn: Any, name: str, method: str) -> Any:
+    warned = False
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal warned
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not warned:
+                log.warning("logger %s failed in %s (%s: %s): training goes on; further failures of this call are "
+                            "not reported", name, method, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                warned = True
+            return None
+
+    return call

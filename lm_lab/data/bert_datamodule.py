@@ -103,6 +103,7 @@ class MaskedLMDataModule(TextDataModule):
                             "or data.pair_objective=sop (or none)")
 
     def _make_tokenizer(self) -> Tokenizer:
+        self._check_documents(len(self.corpus.train), "train")  # before training a tokenizer for nothing
         tok = super()._make_tokenizer()
         special_ids(tok)  # raises if [MASK] & co. are missing
         return tok
@@ -146,7 +147,7 @@ class MaskedLMDataModule(TextDataModule):
             balance = f", {s['random_b']:.0%} with label 1 (random/swapped B)" if "random_b" in s else ""
             log.info("%s: %s documents -> %s instances, mean length %.1f tokens%s", split,
                      f"{s['documents']:,}", f"{s['instances']:,}", s["mean_length"], balance)
-        if c.pair_objective == "nsp" and meta["train"].get("random_b", 0.5) > 0.6:
+        if c.pair_objective == "nsp" and meta["train"].get("random_b", 0.5) > 0.7:
             log.warning("%.0f%% of NSP pairs have a random B (one-sentence documents always do): the NSP task is "
                         "unbalanced; consider data.pair_objective=sop or longer documents",
                         100 * meta["train"]["random_b"])

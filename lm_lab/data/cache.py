@@ -8,6 +8,7 @@ built in a temporary sibling directory and renamed into place only when complete
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -58,6 +59,11 @@ def build_entry(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
                 return
             shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            from lm_lab.data.sources import DataError
+
+            raise DataError(f"disk full while writing the data cache {directory} (nothing was kept): free space "
+                            "there or set paths.cache_dir (or LM_LAB_CACHE) to a disk with room") from None
         raise

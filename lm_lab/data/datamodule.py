@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lm_lab.data.config import DataConfig
 from lm_lab.data.packing import PackedBlocks, token_dtype, tokenize_dataset, write_tokens
 from lm_lab.data.sampling import ResumableSampler
 from lm_lab.data.sources import Corpus, DataError, load_corpus
+from lm_lab.data.streaming import StreamingBlocks
 from lm_lab.data.tokenizer import TRAINED_KINDS, describe, eot_id, load_tokenizer, tokenizer_hash, train_tokenizer
 
 log = logging.getLogger("lm_lab")
@@ -102,45 +104,106 @@ class TextDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: Any, sampler: Any = None, collate_fn: Any = None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Any, sampler: Any = None, collate_fn: Any = None,
+                num_workers: int | None = None) -> DataLoader:
+        workers = self.cfg.num_workers if num_workers is None else num_workers
+        return ResumableLoader(
             dataset,
             batch_size=self.micro_batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_fn,
         )
 
     # ------------------------------------------------------------------ exact mid-epoch resume
-    def on_train_batch_consumed(self) -> None:
-        """Called by the task after each training micro-batch; counts the data position."""
-        sampler = self.train_sampler
-        if sampler is not None and sampler.epoch != self._consumed_epoch:
-            self._consumed, self._consumed_epoch = 0, sampler.epoch
+    def on_train_batch_consumed(self, epoch: int | None = None) -> None:
+        """Called by the task as each training micro-batch *starts*; counts the data position.
+
+        Counted at the start because ModelCheckpoint saves in its ``on_train_batch_end``, which
+        Lightning calls before the LightningModule's: a count at the end would miss the batch just
+        trained, and the resumed run would train on it a second time.
+        """
+        if epoch is None:
+            epoch = self.train_sampler.epoch if self.train_sampler is not None else self._consumed_epoch
+        if epoch != self._consumed_epoch:
+            self._consumed, self._consumed_epoch = 0, epoch
         self._consumed += 1
+        train_set = getattr(self, "train_set", None)
+        if isinstance(train_set, StreamingBlocks):
+            train_set.mark_consumed(self._consumed * self.micro_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.train_sampler is None:
-            return {}
-        return {"sampler": self.train_sampler.state_dict(self._consumed * self.micro_batch_size)}
+        """The data position (saved by Lightning in every checkpoint) and the settings that decide it."""
+        consumed = self._consumed * self.micro_batch_size  # samples of this epoch, per rank
+        state: dict[str, Any] = {"epoch": self._consumed_epoch, "consumed": consumed, "seed": self.seed,
+                                 "data": dataclasses.asdict(self.cfg)}
+        if self.train_sampler is not None:
+            state["sampler"] = self.train_sampler.state_dict(consumed)
+        train_set = getattr(self, "train_set", None)
+        if isinstance(train_set, StreamingBlocks):
+            state["stream"] = self._gather(train_set.state_dict(consumed))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_state = state.get("sampler")
+        # Applied when the train loader is built (after this hook, before the first batch).
+        self._resume_state = state
 
-    def _make_train_sampler(self, n: int) -> ResumableSampler:
+    def _gather(self, local: Any) -> list[Any]:
+        """Every rank's ``local`` on every rank (rank 0 writes the checkpoint)."""
+        import torch.distributed as dist
+
+        _, world = self._rank_world()
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [local]
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, local)
+        return out
+
+    def _make_train_sampler(self, n: int, with_replacement: int | None = None) -> ResumableSampler:
         rank, world = self._rank_world()
-        sampler = ResumableSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world)
-        resume = getattr(self, "_resume_state", None)
+        sampler = ResumableSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world,
+                                   with_replacement=with_replacement)
+        state = getattr(self, "_resume_state", None) or {}
+        resume = state.get("sampler")
         if resume:
+            if resume.get("n") != n:
+                raise DataError(f"the training split has {n} samples but the checkpoint's run had {resume.get('n')}: "
+                                "resume with the same data and data.* settings (or start a new run with init_from=)")
             sampler.load_state_dict(resume)
             self._consumed = sampler.skip // self.micro_batch_size
             self._consumed_epoch = sampler.epoch
             self._resume_state = None
         self.train_sampler = sampler
         return sampler
+
+    def _resume_stream(self, stream: StreamingBlocks) -> None:
+        state = getattr(self, "_resume_state", None) or {}
+        per_rank = state.get("stream")
+        if not per_rank:
+            return
+        rank, world = self._rank_world()
+        if len(per_rank) != world:
+            raise DataError(f"the checkpoint's streaming position was saved by {len(per_rank)} processes, this run has "
+                            f"{world}: resume a streaming run on the same number of devices")
+        stream.load_state_dict(per_rank[rank])
+        self._consumed = int(state["consumed"]) // self.micro_batch_size
+        self._consumed_epoch = int(state["epoch"])
+        self._resume_state = None
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable mid-epoch (it has ``state_dict`` and
+    ``load_state_dict``). The position itself is saved and restored by the DataModule
+    (``TextDataModule.state_dict``), which knows how far training got, not how far prefetching got."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class CausalLMDataModule(TextDataModule):
@@ -192,7 +255,7 @@ class CausalLMDataModule(TextDataModule):
             entry = self.token_cache()
             if cache.load_entry(entry) is None:
                 self.prepare_data()
-            self.train_set = PackedBlocks(entry / "train.npy", bs)
+            self.train_set = PackedBlocks(entry / "train.npy", bs, windows=self.cfg.sampling == "windows")
             self.val_set = PackedBlocks(entry / "val.npy", bs)
         for name, ds in (("training", self.train_set), ("validation", self.val_set)):
             if not isinstance(ds, IterableDataset) and len(ds) == 0:
@@ -209,9 +272,16 @@ class CausalLMDataModule(TextDataModule):
             log.info("sample of the training data: %r", self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def train_dataloader(self) -> DataLoader:
-        if isinstance(self.train_set, IterableDataset):
-            return self._loader(self.train_set)
-        return self._loader(self.train_set, sampler=self._make_train_sampler(len(self.train_set)))
+        if isinstance(self.train_set, StreamingBlocks):
+            self._resume_stream(self.train_set)
+            if self.cfg.num_workers:
+                log.info("data.streaming: the training stream is read in the main process (num_workers=0) so that "
+                         "it can resume mid-pass")
+            return self._loader(self.train_set, num_workers=0)
+        ds = self.train_set
+        if isinstance(ds, PackedBlocks) and ds.windows:
+            return self._loader(ds, sampler=self._make_train_sampler(ds.n_windows, with_replacement=len(ds)))
+        return self._loader(ds, sampler=self._make_train_sampler(len(ds)))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -9,6 +9,7 @@ one-token-shifted targets).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,11 @@ def write_tokens(ds: Any, path: Path, dtype: np.dtype) -> int:
     column = ds.data.column("ids") if hasattr(ds, "data") else pa.chunked_array([])
     total = sum(len(chunk.flatten()) for chunk in column.chunks)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(total,))
+    if hasattr(os, "posix_fallocate"):
+        # Reserve the space now: a full disk then raises ENOSPC here, where writing through the
+        # memory map would kill the process with SIGBUS.
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
     pos = 0
     for chunk in column.chunks:
         values = chunk.flatten().to_numpy(zero_copy_only=False)

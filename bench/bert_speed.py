@@ -1,0 +1,173 @@
+"""BERT training-step throughput: lm_lab's BertModel vs transformers' BertForPreTraining.
+
+    python bench/bert_speed.py [--model bert_mini] [--block 128] [--batch 32] [--vocab 30522]
+                               [--corpus pydocs|shakespeare] [--steps 8] [--repeats 5]
+
+Both train on the same real batches from lm_lab's BERT pipeline (sentence pairs with their real
+length distribution, 15% masking), same architecture, same AdamW; tokens/s counts real (non-pad)
+tokens. lm_lab: SDPA attention, MLM head only at masked positions, batches padded to their longest
+pair. transformers: its default attention, every batch padded to the block size (as a fixed-shape
+pipeline does), MLM head over all positions. Rows 2-3 switch lm_lab's two savings off one at a time.
+Reported: the median over ``repeats`` timings of ``steps`` steps, the implementations interleaved so
+that load changes hit all of them alike. Quote CPU numbers in fp32 (bf16 is slow on CPUs without AMX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def real_batches(args: argparse.Namespace) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    from lm_lab.data.bert_datamodule import MaskedLMDataModule
+    from lm_lab.data.config import DataConfig
+
+    corpus: dict[str, Any] = {"path": "pydocs"}
+    if args.corpus == "shakespeare":
+        corpus = {"path": "text", "data_files": str(SHAKESPEARE), "sample_by": "paragraph"}
+    cfg = DataConfig(**corpus, vocab_size=args.vocab, block_size=args.block, batch_size=args.batch,
+                     cache_dir=str(REPO / ".cache" / "lm_lab"))
+    dm = MaskedLMDataModule(cfg, seed=0)
+    dm.prepare_data()
+    dm.setup()
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(batch)
+        if len(batches) == args.steps:
+            break
+    return batches, dm.tokenizer
+
+
+def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    fill = {"input_ids": 0, "token_type_ids": 0, "attention_mask": 0, "labels": -100}
+    out = dict(batch)
+    for key, value in fill.items():
+        t = batch[key]
+        out[key] = F.pad(t, (0, length - t.size(1)), value=value)
+    return out
+
+
+class Ours:
+    def __init__(self, cfg: Any, masked_head: bool, dynamic: bool, block: int) -> None:
+        from lm_lab.models.bert import BertModel
+
+        self.model, self.masked_head, self.dynamic, self.block = BertModel(cfg).train(), masked_head, dynamic, block
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        b = batch if self.dynamic else pad_to(batch, self.block)
+        labels = b["labels"]
+        positions = labels != -100
+        out = self.model(b["input_ids"], b["token_type_ids"], b["attention_mask"],
+                         mlm_positions=positions if self.masked_head else None)
+        logits = out.mlm_logits if self.masked_head else out.mlm_logits[positions]
+        loss = F.cross_entropy(logits, labels[positions]) + F.cross_entropy(out.nsp_logits, b["next_sentence_label"])
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+class HF:
+    def __init__(self, cfg: Any, block: int) -> None:
+        import transformers
+
+        from lm_lab.models.bert import hf_config_dict
+
+        kwargs = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("model_type", "architectures")}
+        self.model = transformers.BertForPreTraining(transformers.BertConfig(**kwargs)).train()
+        self.attn = self.model.config._attn_implementation
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.block = block
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        b = pad_to(batch, self.block)
+        out = self.model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                         attention_mask=b["attention_mask"], labels=b["labels"],
+                         next_sentence_label=b["next_sentence_label"])
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+
+def timed(impl: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+    t0 = time.perf_counter()
+    for batch in batches:
+        impl.step(batch)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="bert_mini", help="a conf/model/bert_*.yaml preset")
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=30522, help="WordPiece vocabulary to train (BERT's: 30522)")
+    p.add_argument("--corpus", choices=["pydocs", "shakespeare"], default="pydocs")
+    p.add_argument("--steps", type=int, default=8, help="training steps per timing")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    load0 = os.getloadavg()[0]  # before our own work: other jobs on the machine make timings noisy
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import datasets
+    import hydra
+    from omegaconf import OmegaConf
+
+    datasets.disable_progress_bars()
+    batches, tok = real_batches(args)
+    model_yaml = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")
+    cfg = hydra.utils.instantiate(model_yaml, vocab_size=tok.get_vocab_size())
+    torch.manual_seed(0)
+    impls = {
+        "lm_lab (SDPA, masked-only head, dynamic padding)": Ours(cfg, True, True, args.block),
+        "lm_lab, full MLM head": Ours(cfg, False, True, args.block),
+        "lm_lab, padded to block": Ours(cfg, True, False, args.block),
+    }
+    hf = HF(cfg, args.block)
+    impls[f"transformers BertForPreTraining ({hf.attn}, padded, full head)"] = hf
+    for impl in impls.values():  # warm-up (allocator, kernels)
+        timed(impl, batches[:2])
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(args.repeats):
+        for name, impl in impls.items():
+            times[name].append(timed(impl, batches))
+
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    mean_len = statistics.mean(b["input_ids"].size(1) for b in batches)
+    print(f"{args.model} (L={cfg.n_layer}, H={cfg.n_embd}, A={cfg.n_head}), vocab {cfg.vocab_size}, batch {args.batch} "
+          f"x block {args.block}, corpus {args.corpus}: {real_tokens / len(batches) / args.batch:.1f} real tokens per "
+          f"sequence, dynamic padding to {mean_len:.1f} on average; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, fp32; median of {args.repeats} x {args.steps} steps")
+    if load0 > 0.5:
+        print(f"warning: the load average was {load0:.2f} at start: other jobs are running, rerun on an idle machine")
+    base = statistics.median(times[next(reversed(impls))])
+    width = max(map(len, impls))
+    print(f"| {'implementation':<{width}} | ms/step | tokens/s | vs transformers |")
+    print(f"|{'-' * (width + 2)}|--------:|---------:|----------------:|")
+    for name in impls:
+        t = statistics.median(times[name])
+        print(f"| {name:<{width}} | {1000 * t / len(batches):7.1f} | {real_tokens / t:8.0f} | {base / t:14.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Checkpoints for long and preemptible runs: a resume point every N steps and/or M minutes,
+the best by the monitored metric, and one more at the step boundary after SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("lm_lab")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``every_n_train_steps`` / ``every_n_minutes`` write ``last.ckpt``.
+
+    Lightning's own ``every_n_train_steps`` (and ``train_time_interval``, which it does not allow
+    together with it) save the *top-k* checkpoints, and while ``monitor`` (val/loss) has not been
+    logged yet they defer every save to the next validation: hours without a resume point on a
+    big run. Here the schedule writes ``last.ckpt`` whatever the metric does; the best checkpoint by
+    ``monitor`` is still chosen after each validation; ``last.ckpt`` is also written when training
+    ends and, after SIGTERM, at the next step boundary (Lightning raises ``SIGTERMException``
+    there; this saves in ``on_exception``; the run then exits with status 0).
+
+    SIGTERM: Lightning's handler broadcasts from inside the signal handler, which deadlocks a DDP
+    run whose other rank is inside a gradient all-reduce (seen here about every other time).
+    This callback's handler only sets a flag (and forwards the signal to the processes Lightning
+    launched); the ranks agree on it with one all-reduce after each training batch and then stop
+    together. SLURM's SIGUSR1 auto-requeue handler (``hpc_ckpt_*.ckpt``) is left alone.
+    """
+
+    def __init__(self, *args: Any, every_n_train_steps: int | None = None, every_n_minutes: float | None = None,
+                 train_time_interval: timedelta | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("save_last", True)
+        # A resumed run rewrites its own files (last.ckpt, step<N>.ckpt) instead of adding -v1 copies.
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        self.every_steps = every_n_train_steps or 0
+        if train_time_interval is not None and every_n_minutes is None:
+            every_n_minutes = train_time_interval.total_seconds() / 60
+        self.every_seconds = every_n_minutes * 60 if every_n_minutes else None
+        self._last_saved_step = -1
+        self._clock = time.monotonic()
+        self.preempted_at: int | None = None  # the step saved after SIGTERM
+        self._sigterm = False
+
+    def _skip(self, trainer: L.Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_step = trainer.global_step
+            self._clock = time.monotonic()
+
+    def write_last(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` now (all ranks call this; rank 0 writes)."""
+        # Lightning skips the validation-end top-k save at a step it has already saved; a resume
+        # point is not a reason to skip choosing the best checkpoint.
+        already = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = already
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._clock = time.monotonic()
+        self._sigterm = False
+        if threading.current_thread() is threading.main_thread():
+            # Replaces the handler Lightning installed for this fit; Lightning restores the original at teardown.
+            signal.signal(signal.SIGTERM, lambda signum, frame: self._on_sigterm(trainer, signum))
+
+    def _on_sigterm(self, trainer: L.Trainer, signum: int) -> None:
+        if not self._sigterm:
+            log.info("received SIGTERM: saving last.ckpt at the next step boundary, then stopping")
+            launcher = trainer.strategy.launcher
+            if launcher is not None and hasattr(launcher, "kill"):
+                launcher.kill(signum)  # the ranks Lightning started itself
+        self._sigterm = True
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        if trainer.world_size == 1:
+            return self._sigterm
+        flag = torch.tensor(float(self._sigterm), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.fit_loop._should_accumulate():
+            return  # only at optimizer-step boundaries: accumulated gradients are not saved
+        if self._stop_requested(trainer):
+            # All ranks at once: Lightning raises SIGTERMException after this batch (and any validation
+            # due now); on_exception below saves.
+            trainer._signal_connector.received_sigterm = True
+        if self._skip(trainer):
+            return
+        step = trainer.global_step
+        due = self.every_steps > 0 and step % self.every_steps == 0
+        if self.every_seconds is not None:
+            # Rank 0's clock decides, so that every rank saves together.
+            due = trainer.strategy.broadcast(due or time.monotonic() - self._clock >= self.every_seconds)
+        if due and step != self._last_saved_step:
+            self.write_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop._should_accumulate():
+            # Validation between two micro-batches of one optimizer step (val_check_interval counts
+            # micro-batches): a checkpoint here could not hold the gradients accumulated so far.
+            return
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self._skip(trainer) and self.save_last and self._last_saved_step != trainer.global_step:
+            self.write_last(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return super().on_exception(trainer, pl_module, exception)
+        if self._skip(trainer) or not self.save_last:
+            return None
+        if self._last_saved_step != trainer.global_step:
+            self.write_last(trainer)
+        self.preempted_at = trainer.global_step
+        return None

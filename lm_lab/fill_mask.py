@@ -1,0 +1,107 @@
+"""Predict the words behind ``[MASK]`` with a trained BERT: a checkpoint or an exported directory.
+
+    python -m lm_lab.fill_mask SOURCE "The [MASK] sat on the mat." [--top-k 5]
+
+prints the ``top-k`` tokens (with probabilities) for every ``[MASK]`` and the text with each mask
+replaced by its best guess. An exported directory is loaded back into lm_lab's own model, so it
+gives the same predictions as the checkpoint it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_source(source: str | Path) -> Any:
+    """A ``MaskedLMTask`` (eval mode) from a ``.ckpt`` or an exported HF directory."""
+    from lm_lab.checkpoint import CheckpointError
+
+    path = Path(source)
+    if path.is_dir():
+        return _from_hf_dir(path)
+    from lm_lab.checkpoint import load_checkpoint
+
+    task = load_checkpoint(path)
+    if task.family != "bert":
+        raise CheckpointError(f"{path} is a {task.family} checkpoint, not BERT: use python -m lm_lab.generate for GPT")
+    return task
+
+
+def _from_hf_dir(path: Path) -> Any:
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from lm_lab.checkpoint import CheckpointError
+    from lm_lab.models.bert import BertConfig, load_hf_state_dict
+    from lm_lab.models.layers import HF_ACTIVATION_NAMES
+    from lm_lab.tasks.masked_lm import MaskedLMTask
+
+    cfg_file, weights, tok_file = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
+    for f in (cfg_file, weights, tok_file):
+        if not f.is_file():
+            raise CheckpointError(f"{path} is not an exported model directory (missing {f.name})")
+    hf = json.loads(cfg_file.read_text())
+    if hf.get("model_type") != "bert":
+        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model, not BERT: "
+                              "use python -m lm_lab.generate for GPT")
+    act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("hidden_act", "gelu"), "gelu")
+    cfg = BertConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                     n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                     max_seq_len=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+                     layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
+                     activation=act, dropout=0.0, attn_dropout=0.0)
+    task = MaskedLMTask(cfg, tokenizer=Tokenizer.from_file(str(tok_file)))
+    load_hf_state_dict(task.net, load_file(str(weights)))
+    return task.eval()
+
+
+def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) -> str:
+    lines = []
+    for k, preds in enumerate(predictions, 1):
+        lines.append(f"[MASK] {k}: " + "  ".join(f"{t} ({p:.3f})" for t, p in preds))
+    filled = text
+    for preds in predictions:
+        best = preds[0][0]
+        filled = filled.replace("[MASK]", best[2:] if best.startswith("##") else best, 1)
+    lines.append(f"filled: {filled}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lm_lab.fill_mask", description="Fill [MASK] tokens with a trained BERT.")
+    p.add_argument("source", help="a .ckpt file or an exported directory")
+    p.add_argument("text", help="text with one or more [MASK] tokens")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    from lm_lab.errors import USER_ERRORS
+
+    if args.top_k < 1:
+        print("error: --top-k must be >= 1", file=sys.stderr)
+        return 2
+    if "[MASK]" not in args.text:
+        print("error: the text has no [MASK]: write [MASK] where a word should be predicted, "
+              "e.g. 'The [MASK] sat on the mat.'", file=sys.stderr)
+        return 2
+    try:
+        task = load_source(args.source).to(args.device)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        predictions = task.fill_mask(args.text, top_k=args.top_k)
+    except ValueError as e:  # no [MASK] after tokenization, text too long
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_predictions(args.text, predictions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

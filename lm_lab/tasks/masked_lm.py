@@ -1,0 +1,108 @@
+"""Masked language modelling + a sentence-pair objective (BERT): MLM CE + NSP (or SOP) CE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lm_lab.config import ConfigError, OptimizerConfig, SchedulerConfig
+from lm_lab.data.masking import IGNORE_INDEX
+from lm_lab.models.bert import BertConfig, BertModel, BertOutput
+from lm_lab.tasks.base import PretrainTask
+
+
+class MaskedLMTask(PretrainTask):
+    """BERT pretraining. Batches come from ``MLMCollator``: ``input_ids``, ``token_type_ids``,
+    ``attention_mask``, ``labels`` (-100 except at masked positions) and, under nsp/sop,
+    ``next_sentence_label``. The sentence-pair loss is logged as ``nsp_loss``/``nsp_acc`` for
+    both nsp and sop (same head, same labels: 1 = random/swapped B)."""
+
+    family = "bert"
+    ppl_source = "val/mlm_loss"  # val/ppl = exp(masked-token cross-entropy)
+
+    def __init__(
+        self,
+        model_cfg: BertConfig,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        super().__init__(model_cfg, optimizer, scheduler, tokenizer)
+        pad = tokenizer.token_to_id("[PAD]") if tokenizer is not None else None
+        if pad is not None and pad != model_cfg.pad_token_id:
+            raise ConfigError(f"the tokenizer's [PAD] id is {pad} but model.pad_token_id={model_cfg.pad_token_id}: "
+                              f"set model.pad_token_id={pad}")
+        self.net = BertModel(model_cfg)
+        self.flops_per_token: float | None = None  # of the last training batch; read by the Throughput callback
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> BertOutput:
+        """Token ids (B, T) -> ``BertOutput``: mlm_logits (B, T, V), nsp_logits (B, 2), hidden_states."""
+        return self.net(input_ids, token_type_ids, attention_mask)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        labels = batch["labels"]
+        positions = labels != IGNORE_INDEX  # (B, T): the ~15% of tokens the MLM head must predict
+        out = self.net(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"),
+                       mlm_positions=positions)
+        targets = labels[positions]  # (N,), aligned with out.mlm_logits (N, V)
+        # Sum / max(N, 1) rather than mean: a batch without masked tokens gives 0, not NaN.
+        mlm_loss = F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+        metrics = {"mlm_loss": mlm_loss}
+        loss = mlm_loss
+        nsp_labels = batch.get("next_sentence_label")
+        if nsp_labels is not None:
+            nsp_loss = F.cross_entropy(out.nsp_logits.float(), nsp_labels)
+            loss = loss + nsp_loss
+            metrics["nsp_loss"] = nsp_loss
+        if stage == "val":
+            metrics["mlm_acc"] = (out.mlm_logits.argmax(-1) == targets).float().mean()
+            if nsp_labels is not None:
+                metrics["nsp_acc"] = (out.nsp_logits.argmax(-1) == nsp_labels).float().mean()
+        elif stage == "train":
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else labels.numel()
+            self.flops_per_token = self.estimate_flops_per_token(labels.size(1), targets.numel() / max(real, 1))
+        return {"loss": loss, **metrics}
+
+    def estimate_flops_per_token(self, seq_len: int, mlm_fraction: float) -> float:
+        """Training FLOPs (forward + backward = 3 x 2 x multiply-adds) per real token: the encoder's
+        matmuls, attention over ``seq_len`` keys, and the MLM head on the ``mlm_fraction`` of
+        tokens it runs on (embedding lookups, pooler and NSP head are negligible)."""
+        c = self.model_cfg
+        d = c.n_embd
+        per_layer = 4 * d * d + 2 * d * c.d_ff + 2 * seq_len * d  # q k v o, FFN, QK^T and AV
+        head = (d * d + d * c.vocab_size) * mlm_fraction  # transform + tied decoder
+        return 6.0 * (c.n_layer * per_layer + head)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def fill_mask(self, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-``top_k`` (token, probability) for every ``[MASK]`` in ``text``, in order."""
+        tok = self.tokenizer_backend
+        if tok is None:
+            raise ValueError("this model has no tokenizer: load it with lm_lab.checkpoint.load_checkpoint")
+        mask_id = tok.token_to_id("[MASK]")
+        enc = tok.encode(text)  # the post-processor adds [CLS] ... [SEP]
+        ids = torch.tensor([enc.ids], device=self.device)
+        if ids.size(1) > self.model_cfg.max_seq_len:
+            raise ValueError(f"the text is {ids.size(1)} tokens long; the model reads at most "
+                             f"{self.model_cfg.max_seq_len}: shorten it")
+        positions = ids == (mask_id if mask_id is not None else -1)
+        if not bool(positions.any()):
+            raise ValueError("the text has no [MASK] token: write [MASK] where a word should be predicted, "
+                             "e.g. 'The [MASK] sat on the mat.'")
+        was_training = self.training
+        self.eval()
+        types = torch.tensor([enc.type_ids], device=self.device)
+        logits = self.net(ids, types, mlm_positions=positions).mlm_logits  # (n_masks, V)
+        if was_training:
+            self.train()
+        probs, best = logits.float().softmax(-1).topk(min(top_k, logits.size(-1)), dim=-1)
+        return [[(tok.id_to_token(int(i)), float(p)) for p, i in zip(pr, bi, strict=True)]
+                for pr, bi in zip(probs, best, strict=True)]
