@@ -69,8 +69,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     optim_cfg = _build(cfg.optimizer, "optimizer")
     sched_cfg = _build(cfg.scheduler, "scheduler")
     if data_cfg.block_size > model_cfg.max_seq_len:
-        raise ConfigError(f"data.block_size={data_cfg.block_size} is larger than model.max_seq_len="
-                          f"{model_cfg.max_seq_len}: lower data.block_size or raise model.max_seq_len")
+        raise ConfigError(
+            f"data.block_size={data_cfg.block_size} is larger than model.max_seq_len="
+            f"{model_cfg.max_seq_len}: lower data.block_size or raise model.max_seq_len"
+        )
     _check_budget(cfg.trainer)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
@@ -89,8 +91,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not loggers:  # LearningRateMonitor refuses to run without a logger (the task logs `lr` itself anyway)
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
-    trainer: L.Trainer = _build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-                                plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = _build(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     micro, accum = data_cfg.micro_batch(trainer.world_size)
     trainer.accumulate_grad_batches = accum
 
@@ -106,8 +109,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=n_vocab)
     elif model_cfg.vocab_size < n_vocab:
-        raise ConfigError(f"the tokenizer has {n_vocab} tokens but model.vocab_size={model_cfg.vocab_size}: "
-                          f"use model.vocab_size=null (take it from the tokenizer) or a matching tokenizer")
+        raise ConfigError(
+            f"the tokenizer has {n_vocab} tokens but model.vocab_size={model_cfg.vocab_size}: "
+            f"use model.vocab_size=null (take it from the tokenizer) or a matching tokenizer"
+        )
 
     # 4. The recipe.
     task = task_for(model_cfg.family)(model_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer)
@@ -122,9 +127,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         resolved = _plain(cfg)
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
-        log.info("model: %s, %s parameters; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
-                 type(task.net).__name__, f"{task.num_params():,}", data_cfg.batch_size, data_cfg.block_size,
-                 micro, accum, trainer.world_size)
+        log.info(
+            "model: %s, %s parameters; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
+            type(task.net).__name__,
+            f"{task.num_params():,}",
+            data_cfg.batch_size,
+            data_cfg.block_size,
+            micro,
+            accum,
+            trainer.world_size,
+        )
 
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -132,8 +144,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # Preempted: Lightning stopped at the step boundary after SIGTERM and RunCheckpoint saved last.ckpt.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         if trainer.is_global_zero:
-            print(f"stopped by SIGTERM after step {trainer.global_step}; resume with the same command plus "
-                  f"ckpt_path=last hydra.run.dir={output_dir}")
+            print(
+                f"stopped by SIGTERM after step {trainer.global_step}; resume with the same command plus "
+                f"ckpt_path=last hydra.run.dir={output_dir}"
+            )
         return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg, "preempted": True}
     if cfg.get("final_validation", True) and "val/loss" not in trainer.callback_metrics:
         trainer.validate(task, datamodule=dm, verbose=False)
@@ -152,14 +166,19 @@ def _check_budget(trainer_cfg: Any) -> None:
     if steps is not None and steps != -1 and steps <= 0:
         raise ConfigError(f"trainer.max_steps={steps} must be > 0 (or -1 to train for trainer.max_epochs epochs)")
     if steps in (None, -1) and (epochs is None or epochs <= 0):
-        raise ConfigError(f"trainer.max_steps={steps} and trainer.max_epochs={epochs}: the run would never stop; "
-                          "set trainer.max_steps=<optimizer steps> (or trainer.max_epochs=<epochs>)")
+        raise ConfigError(
+            f"trainer.max_steps={steps} and trainer.max_epochs={epochs}: the run would never stop; "
+            "set trainer.max_steps=<optimizer steps> (or trainer.max_epochs=<epochs>)"
+        )
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run config as plain containers (without Hydra's own node)."""
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
 
 
 def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float], output_dir: Path) -> None:
@@ -172,10 +191,12 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
     last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
     print(f"run directory: {output_dir}")
     if last is not None and last.exists():
-        use = (f"python -m lm_lab.fill_mask {last} 'The [MASK] is here.'" if task.family == "bert"
-               else f"python -m lm_lab.generate {last} --prompt 'Hello'")
-        print(f"checkpoint:    {last}\n  use it:  {use}\n"
-              f"  export:  python -m lm_lab.export {last} {output_dir / 'hf'}")
+        use = (
+            f"python -m lm_lab.fill_mask {last} 'The [MASK] is here.'"
+            if task.family == "bert"
+            else f"python -m lm_lab.generate {last} --prompt 'Hello'"
+        )
+        print(f"checkpoint:    {last}\n  use it:  {use}\n  export:  python -m lm_lab.export {last} {output_dir / 'hf'}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -191,8 +212,10 @@ def main(cfg: DictConfig) -> float | None:
             raise
         message = str(e)
         if isinstance(e, OSError):  # a full disk anywhere else (logs, tokenizer, ...)
-            message = (f"disk full while writing {e.filename or 'a file'}: free space there, or point hydra.run.dir "
-                       "(checkpoints, logs) or paths.cache_dir (tokenized data) at a disk with room")
+            message = (
+                f"disk full while writing {e.filename or 'a file'}: free space there, or point hydra.run.dir "
+                "(checkpoints, logs) or paths.cache_dir (tokenized data) at a disk with room"
+            )
         log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         if not existed and not (output_dir / "checkpoints").exists():

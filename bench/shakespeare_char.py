@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
-PLAIN_LOOP = r'''
+PLAIN_LOOP = r"""
 import math, sys, time, torch
 sys.path.insert(0, sys.argv[2])
 from lm_lab.models.gpt import GPT, GPTConfig
@@ -72,13 +72,19 @@ for it in range(iters + 1):
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
 print(f"VAL {val:.4f}")
-'''
+"""
 
 
 def run_lm_lab(data: Path, workdir: Path) -> tuple[float, float]:
-    cmd = [sys.executable, str(REPO / "train.py"), "experiment=nanogpt_shakespeare_char_cpu",
-           f"data.data_files={data}", "logger=csv", "trainer.enable_progress_bar=false",
-           f"hydra.run.dir={workdir}/run"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=nanogpt_shakespeare_char_cpu",
+        f"data.data_files={data}",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={workdir}/run",
+    ]
     env = {**os.environ, "LM_LAB_CACHE": str(workdir / "cache"), "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True, text=True)
@@ -93,8 +99,9 @@ def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
     script = workdir / "plain_loop.py"
     script.write_text(PLAIN_LOOP)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(script), str(data), str(REPO)], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(script), str(data), str(REPO)], check=True, capture_output=True, text=True
+    ).stdout
     wall = time.perf_counter() - t0
     return wall, float(out.split("VAL")[-1])
 
@@ -112,8 +119,10 @@ def main() -> None:
             results[name].append((wall, val))
             print(f"  repeat {i + 1}: {name:<10} {wall:6.1f} s  val/loss {val:.4f}", flush=True)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(x for _, x in v)) for k, v in results.items()}
-    print(f"\nnanoGPT CPU recipe, Tiny Shakespeare char, 2,000 steps; median of {args.repeats} "
-          f"(torch {__import__('torch').__version__}, {os.cpu_count()} CPUs)\n")
+    print(
+        f"\nnanoGPT CPU recipe, Tiny Shakespeare char, 2,000 steps; median of {args.repeats} "
+        f"(torch {__import__('torch').__version__}, {os.cpu_count()} CPUs)\n"
+    )
     print("| run | whole-run wall time (s) | val loss at step 2,000 | time vs plain loop |")
     print("| --- | ---: | ---: | ---: |")
     base = med["plain loop"][0]

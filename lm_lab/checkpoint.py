@@ -26,16 +26,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint's contents (tensors memory-mapped), refusing arbitrary pickles."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}: check ckpt_path (use ckpt_path=last to resume "
-                              "the newest checkpoint of this run directory)")
+        raise CheckpointError(
+            f"checkpoint not found: {path}: check ckpt_path (use ckpt_path=last to resume "
+            "the newest checkpoint of this run directory)"
+        )
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch zip archive): "
-                              "use an earlier checkpoint from the same checkpoints/ directory")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated (not a torch zip archive): "
+            "use an earlier checkpoint from the same checkpoints/ directory"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
-                              "use an earlier checkpoint") from e
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
+            "use an earlier checkpoint"
+        ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path} is not an lm_lab checkpoint (no state_dict/hyper_parameters)")
     return ckpt
@@ -49,8 +55,9 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
     ``hpc_ckpt_*.ckpt`` (written on SIGUSR1 before a requeue); last.ckpt wins a tie."""
     found = [p for p in (output_dir / "checkpoints").glob("*.ckpt") if not p.name.startswith(NONFINITE_PREFIX)]
     found += list(output_dir.glob("hpc_ckpt_*.ckpt"))
-    return sorted((p for p in found if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"),
-                  reverse=True)
+    return sorted(
+        (p for p in found if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True
+    )
 
 
 def resolve_ckpt_path(value: str | None, output_dir: Path) -> Path | None:
@@ -71,17 +78,24 @@ def resolve_ckpt_path(value: str | None, output_dir: Path) -> Path | None:
                 continue
             log.info("ckpt_path=last: resuming from %s", path)
             return path
-        raise CheckpointError(f"ckpt_path=last: none of the {len(candidates)} checkpoints in {output_dir} can be "
-                              "read: start a new run (ckpt_path=null and another hydra.run.dir)")
+        raise CheckpointError(
+            f"ckpt_path=last: none of the {len(candidates)} checkpoints in {output_dir} can be "
+            "read: start a new run (ckpt_path=null and another hydra.run.dir)"
+        )
     path = Path(value).expanduser()
     if path.is_dir():
-        raise CheckpointError(f"ckpt_path={path} is a directory: pass a checkpoint file, e.g. "
-                              f"{path / 'checkpoints' / 'last.ckpt'}, or ckpt_path=last with hydra.run.dir={path}")
+        raise CheckpointError(
+            f"ckpt_path={path} is a directory: pass a checkpoint file, e.g. "
+            f"{path / 'checkpoints' / 'last.ckpt'}, or ckpt_path=last with hydra.run.dir={path}"
+        )
     try:
         read_checkpoint(path)  # validates before anything heavy starts
     except CheckpointError as e:
-        others = [p for p in find_checkpoints(path.parent.parent) if p.resolve() != path.resolve()] \
-            if path.parent.name == "checkpoints" else []
+        others = (
+            [p for p in find_checkpoints(path.parent.parent) if p.resolve() != path.resolve()]
+            if path.parent.name == "checkpoints"
+            else []
+        )
         if others and path.is_file():
             raise CheckpointError(f"{e} (e.g. ckpt_path={others[0]})") from None
         raise
@@ -121,8 +135,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             cause = e if isinstance(e, OSError) else getattr(f, "error", None)
             if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
                 kept = "the previous version is intact" if path.exists() else "nothing was written"
-                raise CheckpointError(f"disk full while writing checkpoint {path} ({kept}): free space on that "
-                                      "disk or set paths.log_dir / hydra.run.dir to one with room") from None
+                raise CheckpointError(
+                    f"disk full while writing checkpoint {path} ({kept}): free space on that "
+                    "disk or set paths.log_dir / hydra.run.dir to one with room"
+                ) from None
             raise
         return None
 
@@ -181,20 +197,46 @@ def _alive(pid: int) -> bool:
 # Model settings that may change on resume (everything else must match the checkpoint).
 RESUME_FREE_MODEL_KEYS = ("dropout", "attn_dropout", "init_std")
 # Data settings that decide which samples come in which order; a resume must keep them.
-DATA_STREAM_KEYS = ("path", "name", "data_files", "text_column", "split", "val_split", "val_fraction", "sample_by",
-                    "streaming", "streaming_val_docs", "tokenizer", "vocab_size", "tokenizer_train_docs", "lowercase",
-                    "strip_accents", "block_size", "sampling", "batch_size", "pair_objective", "mlm_probability",
-                    "max_predictions", "whole_word_masking", "short_seq_prob", "dupe_factor")
+DATA_STREAM_KEYS = (
+    "path",
+    "name",
+    "data_files",
+    "text_column",
+    "split",
+    "val_split",
+    "val_fraction",
+    "sample_by",
+    "streaming",
+    "streaming_val_docs",
+    "tokenizer",
+    "vocab_size",
+    "tokenizer_train_docs",
+    "lowercase",
+    "strip_accents",
+    "block_size",
+    "sampling",
+    "batch_size",
+    "pair_objective",
+    "mlm_probability",
+    "max_predictions",
+    "whole_word_masking",
+    "short_seq_prob",
+    "dupe_factor",
+)
 TOKENIZER_KEYS = ("tokenizer", "vocab_size", "lowercase", "strip_accents")
 
 
 def _diff(saved: dict[str, Any], now: dict[str, Any], keys: Any, section: str) -> list[str]:
     """``section.key=now (checkpoint: saved)`` for each key set in both that differs."""
+
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
 
-    return [f"{section}.{k}={norm(now[k])!r} (checkpoint: {norm(saved[k])!r})" for k in keys
-            if k in saved and k in now and now[k] is not None and norm(saved[k]) != norm(now[k])]
+    return [
+        f"{section}.{k}={norm(now[k])!r} (checkpoint: {norm(saved[k])!r})"
+        for k in keys
+        if k in saved and k in now and now[k] is not None and norm(saved[k]) != norm(now[k])
+    ]
 
 
 def data_state(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -205,20 +247,25 @@ def data_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def check_resume(path: Path, model_cfg: Any, data_cfg: Any, seed: int, optim_cfg: Any = None,
-                 sched_cfg: Any = None) -> None:
+def check_resume(
+    path: Path, model_cfg: Any, data_cfg: Any, seed: int, optim_cfg: Any = None, sched_cfg: Any = None
+) -> None:
     """Refuse (one line) a resume whose model or data stream differs from the checkpoint's."""
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     if hp.get("family") != model_cfg.family:
-        raise CheckpointError(f"ckpt_path={path} is a {hp.get('family')} checkpoint but model is {model_cfg.family}: "
-                              "pick the model preset it was trained with")
+        raise CheckpointError(
+            f"ckpt_path={path} is a {hp.get('family')} checkpoint but model is {model_cfg.family}: "
+            "pick the model preset it was trained with"
+        )
     now = dataclasses.asdict(model_cfg)
     model_keys = [k for k in hp["model"] if k not in RESUME_FREE_MODEL_KEYS]
     changed = _diff(hp["model"], now, model_keys, "model")
     if changed:
-        raise CheckpointError(f"ckpt_path={path} was trained with other model settings: {', '.join(changed)}: "
-                              "resume with the checkpoint's model settings, or start a new run (ckpt_path=null)")
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with other model settings: {', '.join(changed)}: "
+            "resume with the checkpoint's model settings, or start a new run (ckpt_path=null)"
+        )
     dstate = data_state(ckpt)
     saved_data = dstate.get("data")
     if saved_data:
@@ -226,13 +273,22 @@ def check_resume(path: Path, model_cfg: Any, data_cfg: Any, seed: int, optim_cfg
         if "seed" in dstate and dstate["seed"] != seed:
             changed.append(f"seed={seed} (checkpoint: {dstate['seed']})")
         if changed:
-            raise CheckpointError(f"resuming {path} with a different data stream: {', '.join(changed)}: resume with "
-                                  f"the checkpoint's values, or start a new run from its weights with init_from={path}")
-    changed = [d for key, cfg in (("optimizer", optim_cfg), ("scheduler", sched_cfg)) if cfg is not None
-               for d in _diff(hp.get(key, {}), dataclasses.asdict(cfg), hp.get(key, {}).keys(), key)]
+            raise CheckpointError(
+                f"resuming {path} with a different data stream: {', '.join(changed)}: resume with "
+                f"the checkpoint's values, or start a new run from its weights with init_from={path}"
+            )
+    changed = [
+        d
+        for key, cfg in (("optimizer", optim_cfg), ("scheduler", sched_cfg))
+        if cfg is not None
+        for d in _diff(hp.get(key, {}), dataclasses.asdict(cfg), hp.get(key, {}).keys(), key)
+    ]
     if changed:
-        log.warning("resuming with %s: the optimizer state (incl. its hyperparameters) is restored from the "
-                    "checkpoint; only the schedule's shape follows the new values", ", ".join(changed))
+        log.warning(
+            "resuming with %s: the optimizer state (incl. its hyperparameters) is restored from the "
+            "checkpoint; only the schedule's shape follows the new values",
+            ", ".join(changed),
+        )
 
 
 def check_init_from(path: Path, data_cfg: Any) -> None:
@@ -247,8 +303,10 @@ def check_init_from(path: Path, data_cfg: Any) -> None:
         keys = TOKENIZER_KEYS
     changed = _diff(saved, now, keys, "data")
     if changed:
-        raise CheckpointError(f"init_from={path} has its own tokenizer, built with other settings: {', '.join(changed)}: "
-                              "drop these overrides (the checkpoint's tokenizer is used) or train from scratch")
+        raise CheckpointError(
+            f"init_from={path} has its own tokenizer, built with other settings: {', '.join(changed)}: "
+            "drop these overrides (the checkpoint's tokenizer is used) or train from scratch"
+        )
 
 
 def tokenizer_from_checkpoint(path: str | Path) -> Tokenizer:
@@ -275,8 +333,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     model_cfg = _model_config(family, hp["model"])
     tok = Tokenizer.from_str(ckpt["tokenizer_json"]) if ckpt.get("tokenizer_json") else None
-    task = task_cls(model_cfg, optimizer=OptimizerConfig(**hp["optimizer"]),
-                    scheduler=SchedulerConfig(**hp["scheduler"]), tokenizer=tok)
+    task = task_cls(
+        model_cfg,
+        optimizer=OptimizerConfig(**hp["optimizer"]),
+        scheduler=SchedulerConfig(**hp["scheduler"]),
+        tokenizer=tok,
+    )
     state = {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}
     task.load_state_dict(state, strict=True)
     return task.to(map_location).eval()
@@ -291,15 +353,18 @@ def init_weights_from(task: Any, path: str | Path) -> None:
     ckpt = read_checkpoint(path)
     family = ckpt["hyper_parameters"].get("family")
     if family != task.family:
-        raise CheckpointError(f"init_from={path} is a {family} checkpoint but model is {task.family}: "
-                              "pick a checkpoint of the same model family")
+        raise CheckpointError(
+            f"init_from={path} is a {family} checkpoint but model is {task.family}: "
+            "pick a checkpoint of the same model family"
+        )
     state = {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}
     try:
         task.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise CheckpointError(f"init_from={path} does not fit this model ({first}): use the model.* sizes "
-                              "of the run that wrote it") from e
+        raise CheckpointError(
+            f"init_from={path} does not fit this model ({first}): use the model.* sizes of the run that wrote it"
+        ) from e
     log.info("initialised weights from %s (%s tokens seen before)", path, f"{int(task.tokens_seen):,}")
 
 

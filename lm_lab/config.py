@@ -70,9 +70,7 @@ class ConfigBase:
                 value = tuple(value)
                 setattr(self, f.name, value)
             if not _type_ok(value, tp):
-                raise ConfigError(
-                    f"{self.key(f.name)}={value!r} has the wrong type: expected {_describe(tp)}"
-                )
+                raise ConfigError(f"{self.key(f.name)}={value!r} has the wrong type: expected {_describe(tp)}")
         self.validate()
 
     def key(self, name: str) -> str:
@@ -95,9 +93,7 @@ class ConfigBase:
         unknown = sorted(set(values) - names)
         if unknown:
             prefix = f"{cls._section}." if cls._section else ""
-            raise ConfigError(
-                f"unknown config key {prefix}{unknown[0]}: valid keys are {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"unknown config key {prefix}{unknown[0]}: valid keys are {', '.join(sorted(names))}")
         return cls(**values)
 
 
@@ -114,8 +110,10 @@ class OptimizerConfig(ConfigBase):
 
     def validate(self) -> None:
         self.require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0: pass a positive learning rate")
-        self.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                     f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1)")
+        self.require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1)",
+        )
         self.require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
         self.require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
 
@@ -136,5 +134,7 @@ class SchedulerConfig(ConfigBase):
     def validate(self) -> None:
         self.require(self.warmup_steps >= 0, f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
         self.require(self.min_lr >= 0, f"scheduler.min_lr={self.min_lr} must be >= 0")
-        self.require(self.decay_steps is None or self.decay_steps > 0,
-                     f"scheduler.decay_steps={self.decay_steps} must be > 0 (or null for trainer.max_steps)")
+        self.require(
+            self.decay_steps is None or self.decay_steps > 0,
+            f"scheduler.decay_steps={self.decay_steps} must be > 0 (or null for trainer.max_steps)",
+        )

@@ -11,5 +11,4 @@ from lm_lab.config import ConfigError
 from lm_lab.data.sources import DataError
 from lm_lab.data.tokenizer import TokenizerError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TokenizerError, CheckpointError,
-                                            NonFiniteLossError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteLossError)

@@ -50,8 +50,9 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         config, state = hf_files(task)
         config["transformers_version"] = _transformers_version()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         if task.tokenizer is not None:
             task.tokenizer.save_pretrained(str(tmp))
         if out.exists():

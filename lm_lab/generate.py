@@ -50,9 +50,17 @@ def _from_hf_dir(path: Path) -> Any:
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; lm_lab.generate reads GPT-2 layouts")
     act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("activation_function", "gelu_new"), "gelu_tanh")
-    cfg = GPTConfig(vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                    max_seq_len=hf["n_positions"], dropout=0.0, bias=True, activation=act,
-                    layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    cfg = GPTConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        max_seq_len=hf["n_positions"],
+        dropout=0.0,
+        bias=True,
+        activation=act,
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
     task = CausalLMTask(cfg, tokenizer=Tokenizer.from_file(str(tok_file)))
     load_hf_state_dict(task.net, load_file(str(weights)))
     return task.eval()
@@ -79,8 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = task.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed)
+    text = task.generate(
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     sys.stdout.write(args.prompt + text + "\n")
     return 0
 

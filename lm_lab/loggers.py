@@ -34,8 +34,10 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     if mode == "auto":
         mode = "online" if wandb_logged_in() else "offline"
         if mode == "offline":
-            log.info("W&B: not logged in, logging offline (sync later with `wandb sync %s`)",
-                     os.path.join(kwargs.get("save_dir", "."), "wandb"))
+            log.info(
+                "W&B: not logged in, logging offline (sync later with `wandb sync %s`)",
+                os.path.join(kwargs.get("save_dir", "."), "wandb"),
+            )
     os.environ.setdefault("WANDB_SILENT", "true")
     if mode == "disabled":
         kwargs["mode"] = "disabled"
@@ -91,8 +93,12 @@ def guard_loggers(loggers: list[Any]) -> list[Any]:
         try:
             _ = lg.experiment  # creates the W&B run / TensorBoard writer / CSV folder
         except Exception as e:
-            log.warning("logger %s could not start (%s: %s): training goes on without it", name, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+            log.warning(
+                "logger %s could not start (%s: %s): training goes on without it",
+                name,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             continue
         for method in _GUARDED:
             if hasattr(lg, method):
@@ -111,8 +117,13 @@ def _guarded(fn: Any, name: str, method: str) -> Any:
             return fn(*args, **kwargs)
         except Exception as e:
             if not warned:
-                log.warning("logger %s failed in %s (%s: %s): training goes on; further failures of this call are "
-                            "not reported", name, method, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning(
+                    "logger %s failed in %s (%s: %s): training goes on; further failures of this call are not reported",
+                    name,
+                    method,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
                 warned = True
             return None
 

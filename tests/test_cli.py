@@ -12,15 +12,22 @@ import pytest
 from tests.conftest import REPO, SHAKESPEARE
 
 TRAIN = str(REPO / "train.py")
-FAST = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false", "sample_tokens=4", "callbacks.text_samples.max_new_tokens=2"]
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "sample_tokens=4",
+    "callbacks.text_samples.max_new_tokens=2",
+]
 
 
 def run_train(args: list[str], cwd: Path, cache: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "LM_LAB_CACHE": str(cache), "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **env}
     full_env.pop("WANDB_MODE") if not full_env["WANDB_MODE"] else None
-    return subprocess.run([sys.executable, TRAIN, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, TRAIN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_dirs(cwd: Path) -> list[Path]:
@@ -59,16 +66,23 @@ BAD = {
     "hub offline": (["data=wikitext2"], "Hugging Face Hub is unreachable"),
     "n_embd % n_head": (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 is not divisible by model.n_head=3"),
     "block > max_seq_len": (["data.block_size=1024"], "data.block_size=1024 is larger than model.max_seq_len=256"),
-    "corpus too short": (["data=files", "data.data_files={tmp}/short.txt", "data.tokenizer=char"],
-                         "too short for one block"),
+    "corpus too short": (
+        ["data=files", "data.data_files={tmp}/short.txt", "data.tokenizer=char"],
+        "too short for one block",
+    ),
     "unknown key (+)": (["+model.n_layrs=2"], "unknown config key model.n_layrs"),
     "wrong type": (["model.n_layer=two"], "model.n_layer='two' has the wrong type"),
     "negative lr": (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be > 0"),
     "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "checkpoint not found"),
     "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "is corrupt or truncated"),
-    "vocab mismatch": (["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer=char", "model.vocab_size=10"],
-                       "the tokenizer has 67 tokens but model.vocab_size=10"),
-    "batch not divisible": (["data.batch_size=16", "data.micro_batch_size=5"], "not a multiple of data.micro_batch_size=5"),
+    "vocab mismatch": (
+        ["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer=char", "model.vocab_size=10"],
+        "the tokenizer has 67 tokens but model.vocab_size=10",
+    ),
+    "batch not divisible": (
+        ["data.batch_size=16", "data.micro_batch_size=5"],
+        "not a multiple of data.micro_batch_size=5",
+    ),
 }
 
 

@@ -40,8 +40,9 @@ def test_jsonl_csv_and_split_dict(tmp_path: Path) -> None:
     assert corpus.train.column_names == ["text"]
     (tmp_path / "t.csv").write_text("text\n" + "\n".join(f"row {i}" for i in range(10)))
     (tmp_path / "v.csv").write_text("text\nheld out\n")
-    corpus = load_corpus(DataConfig(path=None, data_files={"train": str(tmp_path / "t.csv"),
-                                                           "validation": str(tmp_path / "v.csv")}))
+    corpus = load_corpus(
+        DataConfig(path=None, data_files={"train": str(tmp_path / "t.csv"), "validation": str(tmp_path / "v.csv")})
+    )
     assert len(corpus.train) == 10 and corpus.validation[0]["text"] == "held out"
 
 
@@ -53,12 +54,15 @@ def test_multi_document_split_is_deterministic() -> None:
     assert a.fingerprint == b.fingerprint
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "data file not found"),
-    (b"", "is empty"),
-    (b"caf\xe9 au lait\n" * 10, "not UTF-8 text"),
-    (b"\x00\x01\x02binary", "not text"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "data file not found"),
+        (b"", "is empty"),
+        (b"caf\xe9 au lait\n" * 10, "not UTF-8 text"),
+        (b"\x00\x01\x02binary", "not text"),
+    ],
+)
 def test_bad_files_fail_with_the_file_name(tmp_path: Path, content: bytes | None, match: str) -> None:
     f = tmp_path / "corpus.txt"
     if content is not None:
@@ -122,8 +126,15 @@ def test_packing_hand_written_documents(tmp_path: Path) -> None:
     docs = ["abc", "de", "fghij"]
     f = tmp_path / "docs.jsonl"
     f.write_text("\n".join(json.dumps({"text": d}) for d in docs + ["zz"] * 1))
-    dm = dm_for(tmp_path, path="json", data_files={"train": str(f), "validation": str(f)}, tokenizer="char",
-                block_size=4, batch_size=1, val_split="validation")
+    dm = dm_for(
+        tmp_path,
+        path="json",
+        data_files={"train": str(f), "validation": str(f)},
+        tokenizer="char",
+        block_size=4,
+        batch_size=1,
+        val_split="validation",
+    )
     dm.prepare_data()
     dm.setup()
     tok = dm.tokenizer
@@ -181,8 +192,16 @@ def test_streaming_reads_lazily_and_packs_blocks(tmp_path: Path) -> None:
     lines = SHAKESPEARE.read_text().split("\n\n")[:400]
     f = tmp_path / "docs.jsonl"
     f.write_text("\n".join(json.dumps({"text": t}) for t in lines))
-    dm = dm_for(tmp_path, path="json", data_files=str(f), streaming=True, streaming_val_docs=20, tokenizer="char",
-                block_size=16, batch_size=2)
+    dm = dm_for(
+        tmp_path,
+        path="json",
+        data_files=str(f),
+        streaming=True,
+        streaming_val_docs=20,
+        tokenizer="char",
+        block_size=16,
+        batch_size=2,
+    )
     from datasets import IterableDataset
 
     assert isinstance(dm.corpus.train, IterableDataset)
@@ -204,8 +223,9 @@ def torch_equal_shifted(batch: dict) -> bool:
 
 
 def test_window_sampling_like_nanogpt(tmp_path: Path) -> None:
-    kw = dict(path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=64, batch_size=4,
-              sampling="windows")
+    kw = dict(
+        path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=64, batch_size=4, sampling="windows"
+    )
     dm = dm_for(tmp_path, **kw)
     dm.setup()
     loader = dm.train_dataloader()

@@ -29,8 +29,14 @@ from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config
 from tests.test_cli import run_dirs, run_train
 
 SHAKES = ["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer=char"]
-RUN = [*TINY, *SHAKES, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
-       "callbacks.text_samples=null", "sample_tokens=0"]
+RUN = [
+    *TINY,
+    *SHAKES,
+    "trainer.max_steps=4",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.text_samples=null",
+    "sample_tokens=0",
+]
 
 
 def train_in_process(overrides: list[str], run_dir: Path, cache_dir: Path) -> dict:
@@ -55,8 +61,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Pat
 
 def snapshot(run_dir: Path) -> dict[str, str]:
     """Hashes of a run's own files (Hydra rewrites .hydra/ and appends to train.log on every launch)."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"
+    }
 
 
 # ---------------------------------------------------------------------- safe checkpoints
@@ -89,8 +98,13 @@ while True:
 
 def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_WRITE, str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_WRITE, str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "saved"
     tmp = path.with_name(f".last.ckpt.tmp-{proc.pid}")
     deadline = time.monotonic() + 120
@@ -106,8 +120,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path
     assert not tmp.exists()
 
 
-def test_truncated_last_ckpt_is_reported_and_the_previous_one_still_resumes(trained: Path, tmp_path: Path,
-                                                                            shared_cache: Path) -> None:
+def test_truncated_last_ckpt_is_reported_and_the_previous_one_still_resumes(
+    trained: Path, tmp_path: Path, shared_cache: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -137,8 +152,11 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_checkpoint(tmp_path: Path,
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not finite for 5 optimizer steps in a row" in errors[0], r.stderr[-2000:]
     assert "lower optimizer.lr (now 1e+06)" in errors[0] and "Traceback" not in r.stderr
-    warned = [line for line in (r.stdout + r.stderr).splitlines()
-              if "non-finite loss or gradients: optimizer step skipped" in line and "[lm_lab]" in line]
+    warned = [
+        line
+        for line in (r.stdout + r.stderr).splitlines()
+        if "non-finite loss or gradients: optimizer step skipped" in line and "[lm_lab]" in line
+    ]
     assert len(warned) == 5
     (run,) = run_dirs(tmp_path)
     (saved,) = (run / "checkpoints").glob("nonfinite-step*.ckpt")
@@ -159,9 +177,14 @@ def test_killed_tokenization_leaves_no_trusted_cache_and_is_rebuilt(tmp_path: Pa
     corpus.write_text(SHAKESPEARE.read_text() * 5)  # ~5.5 MB: seconds of tokenizing
     cache_dir = tmp_path / "cache"
     args = [*RUN, f"data.data_files={corpus}", "trainer.max_steps=1"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, start_new_session=True,
-                            env={**os.environ, "LM_LAB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        start_new_session=True,
+        env={**os.environ, "LM_LAB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not list((cache_dir / "tokens").glob("*.tmp-*")):  # tokenizing into a temporary entry
         assert time.monotonic() < deadline and proc.poll() is None, "tokenization was not caught in progress"
@@ -171,8 +194,12 @@ def test_killed_tokenization_leaves_no_trusted_cache_and_is_rebuilt(tmp_path: Pa
     entries = list((cache_dir / "tokens").iterdir())
     assert entries and all(".tmp-" in p.name for p in entries)  # only the temporary build, never trusted
     # The next run's data preparation rebuilds it.
-    dm = CausalLMDataModule(DataConfig(path="text", data_files=str(corpus), tokenizer="char", block_size=32,
-                                       batch_size=4, cache_dir=str(cache_dir)), seed=1337)
+    dm = CausalLMDataModule(
+        DataConfig(
+            path="text", data_files=str(corpus), tokenizer="char", block_size=32, batch_size=4, cache_dir=str(cache_dir)
+        ),
+        seed=1337,
+    )
     assert cache.load_entry(dm.token_cache()) is None
     dm.prepare_data()
     assert cache.load_entry(dm.token_cache())["train_tokens"] > 4_500_000
@@ -190,8 +217,9 @@ def tiny_disk(tmp_path: Path) -> Path:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_disk_full_while_checkpointing_is_a_clear_error_and_no_partial_file(tiny_disk: Path,
-                                                                           shared_cache: Path) -> None:
+def test_disk_full_while_checkpointing_is_a_clear_error_and_no_partial_file(
+    tiny_disk: Path, shared_cache: Path
+) -> None:
     run_dir = tiny_disk / "run"  # the tokenizer and logs fit; a 1.5 MB checkpoint does not
     with pytest.raises(CheckpointError, match="disk full while writing checkpoint .*last.ckpt") as e:
         train_in_process(RUN, run_dir, shared_cache)
@@ -204,8 +232,17 @@ def test_disk_full_while_caching_tokens_is_a_clear_error_and_no_entry(tiny_disk:
     from lm_lab.data.datamodule import CausalLMDataModule
     from lm_lab.data.sources import DataError
 
-    dm = CausalLMDataModule(DataConfig(path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=32,
-                                       batch_size=4, cache_dir=str(tiny_disk)), seed=1337)
+    dm = CausalLMDataModule(
+        DataConfig(
+            path="text",
+            data_files=str(SHAKESPEARE),
+            tokenizer="char",
+            block_size=32,
+            batch_size=4,
+            cache_dir=str(tiny_disk),
+        ),
+        seed=1337,
+    )
     with pytest.raises(DataError, match="disk full while writing the data cache"):
         dm.prepare_data()  # 1M characters -> 2 MB of tokens on a 1 MiB disk
     assert list((tiny_disk / "tokens").iterdir()) == []
@@ -214,9 +251,9 @@ def test_disk_full_while_caching_tokens_is_a_clear_error_and_no_entry(tiny_disk:
 # ---------------------------------------------------------------------- loggers and side systems
 
 
-def test_failing_loggers_are_warnings_and_training_goes_on(tmp_path: Path, shared_cache: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_failing_loggers_are_warnings_and_training_goes_on(
+    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """W&B online without an API key, and TensorBoard under a path that cannot be a directory: both
     are dropped with a warning, CSV keeps logging, training finishes."""
     blocker = tmp_path / "not_a_dir"
@@ -252,8 +289,9 @@ RESUME_REFUSALS = {
 
 
 @pytest.mark.parametrize("case", list(RESUME_REFUSALS))
-def test_resume_with_a_different_setup_is_refused_before_touching_the_run(case: str, trained: Path, tmp_path: Path,
-                                                                          shared_cache: Path) -> None:
+def test_resume_with_a_different_setup_is_refused_before_touching_the_run(
+    case: str, trained: Path, tmp_path: Path, shared_cache: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     before = snapshot(run_dir)
@@ -265,8 +303,10 @@ def test_resume_with_a_different_setup_is_refused_before_touching_the_run(case: 
 
 
 OTHER_BAD_INPUT = {
-    "init_from with another tokenizer": (["init_from={ckpt}", "data.tokenizer=bpe"],
-                                         "has its own tokenizer, built with other settings: data.tokenizer='bpe'"),
+    "init_from with another tokenizer": (
+        ["init_from={ckpt}", "data.tokenizer=bpe"],
+        "has its own tokenizer, built with other settings: data.tokenizer='bpe'",
+    ),
     "ckpt_path is a directory": (["ckpt_path={run}"], "is a directory: pass a checkpoint file"),
     "data file is a directory": (["data.data_files={run}"], "is a directory: pass the files inside it"),
     "max_steps=0": (["trainer.max_steps=0"], "trainer.max_steps=0 must be > 0"),
@@ -283,8 +323,9 @@ def test_more_bad_input_one_line_error(case: str, trained: Path, tmp_path: Path,
         train_in_process([*RUN, *args], tmp_path / "run", shared_cache)
 
 
-def test_cli_refused_resume_exits_2_with_one_line_and_keeps_the_run(trained: Path, tmp_path: Path,
-                                                                    shared_cache: Path) -> None:
+def test_cli_refused_resume_exits_2_with_one_line_and_keeps_the_run(
+    trained: Path, tmp_path: Path, shared_cache: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     before = snapshot(run_dir)

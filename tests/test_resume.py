@@ -22,18 +22,38 @@ STEPS = 40
 # Tiny, with dropout; the LR schedule is pinned to STEPS so a run may be started with more steps
 # (it is killed long before) and resumed with STEPS.
 COMMON = [
-    "trainer.val_check_interval=5", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "logger=csv", "+logger.csv.flush_logs_every_n_steps=1", "callbacks.text_samples=null",
-    "sample_tokens=0", "final_validation=false",
-    "scheduler.warmup_steps=3", f"scheduler.decay_steps={STEPS}",
+    "trainer.val_check_interval=5",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "+logger.csv.flush_logs_every_n_steps=1",
+    "callbacks.text_samples=null",
+    "sample_tokens=0",
+    "final_validation=false",
+    "scheduler.warmup_steps=3",
+    f"scheduler.decay_steps={STEPS}",
     f"data.data_files={SHAKESPEARE}",
 ]
 FAMILIES = {
-    "gpt": ["model=gpt_tiny", "model.dropout=0.1", "data=files", "data.tokenizer=char", "data.block_size=32",
-            "data.batch_size=4"],
-    "bert": ["model=bert_tiny", "data=files", "data.path=text", "data.sample_by=paragraph", "data.vocab_size=500",
-             "data.block_size=32", "data.batch_size=8"],
+    "gpt": [
+        "model=gpt_tiny",
+        "model.dropout=0.1",
+        "data=files",
+        "data.tokenizer=char",
+        "data.block_size=32",
+        "data.batch_size=4",
+    ],
+    "bert": [
+        "model=bert_tiny",
+        "data=files",
+        "data.path=text",
+        "data.sample_by=paragraph",
+        "data.vocab_size=500",
+        "data.block_size=32",
+        "data.batch_size=8",
+    ],
 }
 # 2 CPU processes (gloo), each accumulating 2 micro-batches of 2 per optimizer step.
 FAMILIES["gpt-ddp"] = ["trainer=ddp_cpu", *FAMILIES["gpt"], "data.batch_size=8", "data.micro_batch_size=2"]
@@ -41,20 +61,37 @@ TOL = 1e-6
 
 
 def env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "LM_LAB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def start(args: list[str], run_dir: Path, cache: Path) -> subprocess.Popen:
     # A session of its own, so that a DDP run's second process is killed with the first.
-    return subprocess.Popen([sys.executable, TRAIN, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
-                            env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *args, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run(args: list[str], run_dir: Path, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, TRAIN, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env(cache),
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, TRAIN, *args, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env(cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
@@ -107,10 +144,12 @@ def compare(got: dict[int, float], want: dict[int, float]) -> float:
     return diff
 
 
-@pytest.mark.parametrize("family", ["gpt", pytest.param("bert", marks=pytest.mark.slow),
-                                    pytest.param("gpt-ddp", marks=pytest.mark.slow)])  # slow ones: ~60 s each
-def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(family: str, reference, tmp_path: Path,
-                                                               shared_cache: Path) -> None:
+@pytest.mark.parametrize(
+    "family", ["gpt", pytest.param("bert", marks=pytest.mark.slow), pytest.param("gpt-ddp", marks=pytest.mark.slow)]
+)  # slow ones: ~60 s each
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(
+    family: str, reference, tmp_path: Path, shared_cache: Path
+) -> None:
     """SIGTERM (to every process, as SLURM or torchrun send it): saves at the next step boundary,
     exits 0. Resumed, then SIGKILLed right after a periodic checkpoint. Resumed again to the end:
     every step's loss equals the uninterrupted run's, and metrics.csv still holds the killed
@@ -160,8 +199,16 @@ def _stream_losses(run_dir: Path, shared_cache: Path, *overrides: str) -> dict[i
 
     from train import train
 
-    args = [*FAMILIES["gpt"], *COMMON, "data.streaming=true", "data.path=text", "data.sample_by=paragraph",
-            "data.streaming_val_docs=20", "data.tokenizer_train_docs=500", *overrides]
+    args = [
+        *FAMILIES["gpt"],
+        *COMMON,
+        "data.streaming=true",
+        "data.path=text",
+        "data.sample_by=paragraph",
+        "data.streaming_val_docs=20",
+        "data.tokenizer_train_docs=500",
+        *overrides,
+    ]
     train(compose_config(args, run_dir, shared_cache))
     GlobalHydra.instance().clear()
     return step_losses(run_dir)[0]

@@ -68,10 +68,16 @@ def test_export_matches_transformers_and_generate_cli(trained: dict, tmp_path: P
     with torch.no_grad():
         assert (hf(ids).logits - task(ids)).abs().max().item() <= 1e-4
     args = ["--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12"]
-    a = subprocess.run([sys.executable, "-m", "lm_lab.generate", str(trained["ckpt"]), *args],
-                       capture_output=True, text=True, check=True, cwd=REPO).stdout
-    b = subprocess.run([sys.executable, "-m", "lm_lab.generate", str(out), *args],
-                       capture_output=True, text=True, check=True, cwd=REPO).stdout
+    a = subprocess.run(
+        [sys.executable, "-m", "lm_lab.generate", str(trained["ckpt"]), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
+    b = subprocess.run(
+        [sys.executable, "-m", "lm_lab.generate", str(out), *args], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
     assert a == b and a.startswith("ROMEO:") and len(a) > len("ROMEO:")
     # HF's own greedy decoding agrees with ours token for token.
     prompt = hf_tok("ROMEO:", return_tensors="pt")["input_ids"]
@@ -92,8 +98,10 @@ def test_every_preset_and_experiment_composes_and_instantiates(compose_cfg) -> N
 
     conf = REPO / "conf"
     combos = [[f"model={p.stem}"] for p in sorted((conf / "model").glob("*.yaml"))]
-    combos += [[f"data={p.stem}", "data.data_files=x.txt"] if p.stem in ("files", "shakespeare_char")
-               else [f"data={p.stem}"] for p in sorted((conf / "data").glob("*.yaml"))]
+    combos += [
+        [f"data={p.stem}", "data.data_files=x.txt"] if p.stem in ("files", "shakespeare_char") else [f"data={p.stem}"]
+        for p in sorted((conf / "data").glob("*.yaml"))
+    ]
     combos += [[f"experiment={p.stem}", "data.data_files=x.txt"] for p in sorted((conf / "experiment").glob("*.yaml"))]
     combos += [[f"debug={p.stem}"] for p in sorted((conf / "debug").glob("*.yaml"))]
     combos += [[f"trainer={p.stem}"] for p in sorted((conf / "trainer").glob("*.yaml"))]
@@ -120,7 +128,13 @@ def test_streaming_corpus_trains_end_to_end(compose_cfg, tmp_path: Path) -> None
     docs = SHAKESPEARE.read_text().split("\n\n")[:300]
     f = tmp_path / "stream.jsonl"
     f.write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    cfg = compose_cfg(*TINY, "data=files", f"data.data_files={f}", "data.streaming=true",
-                      "data.streaming_val_docs=30", "data.tokenizer=char")
+    cfg = compose_cfg(
+        *TINY,
+        "data=files",
+        f"data.data_files={f}",
+        "data.streaming=true",
+        "data.streaming_val_docs=30",
+        "data.tokenizer=char",
+    )
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 6 and metrics["val/loss"] < 4.5

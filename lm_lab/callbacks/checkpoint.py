@@ -37,8 +37,14 @@ class RunCheckpoint(ModelCheckpoint):
     together. SLURM's SIGUSR1 auto-requeue handler (``hpc_ckpt_*.ckpt``) is left alone.
     """
 
-    def __init__(self, *args: Any, every_n_train_steps: int | None = None, every_n_minutes: float | None = None,
-                 train_time_interval: timedelta | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        every_n_train_steps: int | None = None,
+        every_n_minutes: float | None = None,
+        train_time_interval: timedelta | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("save_last", True)
         # A resumed run rewrites its own files (last.ckpt, step<N>.ckpt) instead of adding -v1 copies.
         kwargs.setdefault("enable_version_counter", False)
@@ -91,8 +97,7 @@ class RunCheckpoint(ModelCheckpoint):
         flag = torch.tensor(float(self._sigterm), device=trainer.strategy.root_device)
         return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.fit_loop._should_accumulate():
             return  # only at optimizer-step boundaries: accumulated gradients are not saved
         if self._stop_requested(trainer):

@@ -59,11 +59,14 @@ class NonFiniteGuard(L.Callback):
         self.bad_steps += 1
         self.first_bad = step if self.first_bad is None else self.first_bad
         if trainer.is_global_zero:
-            log.warning("step %d: non-finite loss or gradients: optimizer step skipped (%d in a row; the run stops "
-                        "after %d)", step, self.bad_steps, self.patience)
+            log.warning(
+                "step %d: non-finite loss or gradients: optimizer step skipped (%d in a row; the run stops after %d)",
+                step,
+                self.bad_steps,
+                self.patience,
+            )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.bad_steps < self.patience:
             return
         ckpt_cb = trainer.checkpoint_callback
@@ -76,4 +79,5 @@ class NonFiniteGuard(L.Callback):
             f"the loss or gradients were not finite for {self.bad_steps} optimizer steps in a row (steps "
             f"{self.first_bad}-{trainer.global_step - 1}); stopped and saved {path}: {fixes} and start again (or "
             "from an earlier checkpoint), raise scheduler.warmup_steps, or use trainer.precision=32-true (or "
-            "bf16-mixed instead of 16-mixed)")
+            "bf16-mixed instead of 16-mixed)"
+        )

@@ -14,8 +14,14 @@ class TextSamples(L.Callback):
     """After validation, continue ``prompt`` with the model and log the text (W&B table, TensorBoard
     text, or the console log). A failure here is a warning, never a failed run."""
 
-    def __init__(self, prompt: str = "\n", max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
+    ) -> None:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.history: list[tuple[int, str]] = []
@@ -26,8 +32,9 @@ class TextSamples(L.Callback):
         if getattr(pl_module, "tokenizer_backend", None) is None:
             return
         try:
-            text = pl_module.generate(self.prompt, self.max_new_tokens, temperature=self.temperature,
-                                      top_k=self.top_k, seed=self.seed)
+            text = pl_module.generate(
+                self.prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
+            )
         except Exception as e:  # a sampling failure must never stop training
             log.warning("sample generation failed at step %d: %s", trainer.global_step, e)
             return

@@ -90,9 +90,7 @@ def _split_line(line: str) -> list[str]:
             continue
         terminator = match.group(0).rstrip()
         # "!" / "?" always end a sentence; a lone "." may belong to an abbreviation.
-        if terminator.rstrip("\"'\u201d\u2019)]") == "." and _is_abbreviation(
-            line[start : match.start()]
-        ):
+        if terminator.rstrip("\"'\u201d\u2019)]") == "." and _is_abbreviation(line[start : match.start()]):
             continue
         pieces.append(line[start : match.end()])
         start = match.end()
@@ -133,29 +131,23 @@ def split_sentences(text: str) -> list[str]:
 
 def _check_args(max_num_tokens_total: int, objective: str, short_seq_prob: float) -> None:
     if objective not in _OBJECTIVES:
-        raise ValueError(
-            f"unknown pair objective {objective!r}: set data.pair_objective to one of {_OBJECTIVES}"
-        )
+        raise ValueError(f"unknown pair objective {objective!r}: set data.pair_objective to one of {_OBJECTIVES}")
     if objective == "none":
         if max_num_tokens_total < 3:
             raise ValueError(
-                f"data.block_size={max_num_tokens_total} is too small for [CLS] tokens [SEP]: "
-                "use at least 8"
+                f"data.block_size={max_num_tokens_total} is too small for [CLS] tokens [SEP]: use at least 8"
             )
     elif max_num_tokens_total < 5:
         # [CLS] A [SEP] B [SEP] with A and B at least one token each; below this the
         # original's rng.randint(2, max_num_tokens) is not even defined.
         raise ValueError(
-            f"data.block_size={max_num_tokens_total} is too small for [CLS] A [SEP] B [SEP]: "
-            "use at least 8"
+            f"data.block_size={max_num_tokens_total} is too small for [CLS] A [SEP] B [SEP]: use at least 8"
         )
     if not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError(f"short_seq_prob={short_seq_prob} must be in [0, 1]")
 
 
-def _truncate_seq_pair(
-    tokens_a: list[int], tokens_b: list[int], max_num_tokens: int, rng: random.Random
-) -> None:
+def _truncate_seq_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int, rng: random.Random) -> None:
     """In place: drop tokens from the longer side until the pair fits.
 
     Like the original, the side is A only if strictly longer (ties trim B), and
@@ -172,9 +164,7 @@ def _truncate_seq_pair(
             trunc.pop()
 
 
-def _pair_instance(
-    tokens_a: list[int], tokens_b: list[int], label: int, cls_id: int, sep_id: int
-) -> dict:
+def _pair_instance(tokens_a: list[int], tokens_b: list[int], label: int, cls_id: int, sep_id: int) -> dict:
     return {
         "input_ids": [cls_id, *tokens_a, sep_id, *tokens_b, sep_id],
         # Segment 0 covers [CLS] A [SEP]; segment 1 covers B [SEP].
@@ -213,9 +203,7 @@ def _default_random_document(
     return pick
 
 
-def _create_unpaired(
-    document: list[Sequence[int]], max_num_tokens_total: int, cls_id: int, sep_id: int
-) -> list[dict]:
+def _create_unpaired(document: list[Sequence[int]], max_num_tokens_total: int, cls_id: int, sep_id: int) -> list[dict]:
     """``none`` objective: pack whole consecutive sentences into ``[CLS] ... [SEP]``.
 
     Like RoBERTa we do not inject short sequences (short_seq_prob is unused) and

@@ -64,6 +64,8 @@ def build_entry(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             from lm_lab.data.sources import DataError
 
-            raise DataError(f"disk full while writing the data cache {directory} (nothing was kept): free space "
-                            "there or set paths.cache_dir (or LM_LAB_CACHE) to a disk with room") from None
+            raise DataError(
+                f"disk full while writing the data cache {directory} (nothing was kept): free space "
+                "there or set paths.cache_dir (or LM_LAB_CACHE) to a disk with room"
+            ) from None
         raise

@@ -56,15 +56,18 @@ class DataConfig(ConfigBase):
     def validate(self) -> None:
         self.require(self.block_size >= 2, f"data.block_size={self.block_size} must be >= 2")
         self.require(self.batch_size > 0, f"data.batch_size={self.batch_size} must be > 0")
-        self.require(self.micro_batch_size is None or self.micro_batch_size > 0,
-                     f"data.micro_batch_size={self.micro_batch_size} must be > 0 (or null)")
+        self.require(
+            self.micro_batch_size is None or self.micro_batch_size > 0,
+            f"data.micro_batch_size={self.micro_batch_size} must be > 0 (or null)",
+        )
         self.require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         self.require(self.vocab_size >= 2, f"data.vocab_size={self.vocab_size} must be >= 2")
-        self.require(0.0 < self.mlm_probability < 1.0,
-                     f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
+        self.require(0.0 < self.mlm_probability < 1.0, f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
         self.require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
-        self.require(self.path is not None or self.data_files is not None,
-                     "data.path and data.data_files are both empty: set data.data_files=<file> or data.path=<dataset>")
+        self.require(
+            self.path is not None or self.data_files is not None,
+            "data.path and data.data_files are both empty: set data.data_files=<file> or data.path=<dataset>",
+        )
 
     def micro_batch(self, world_size: int = 1) -> tuple[int, int]:
         """(micro-batch size per device, gradient accumulation steps) for ``batch_size``.
@@ -73,11 +76,15 @@ class DataConfig(ConfigBase):
         """
         per_device, rem = divmod(self.batch_size, world_size)
         if rem:
-            raise ConfigError(f"data.batch_size={self.batch_size} is not divisible by the {world_size} devices: "
-                             f"use a multiple of {world_size}")
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is not divisible by the {world_size} devices: "
+                f"use a multiple of {world_size}"
+            )
         micro = self.micro_batch_size or per_device
         accum, rem = divmod(per_device, micro)
         if rem or accum == 0:
-            raise ConfigError(f"data.batch_size={self.batch_size} / {world_size} devices is not a multiple of "
-                             f"data.micro_batch_size={micro}: pick a micro-batch size that divides it")
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} / {world_size} devices is not a multiple of "
+                f"data.micro_batch_size={micro}: pick a micro-batch size that divides it"
+            )
         return micro, accum

@@ -70,15 +70,24 @@ class TextDataModule(L.LightningDataModule):
         if kind not in TRAINED_KINDS:
             return load_tokenizer(kind)
         c = self.cfg
-        key = cache.cache_key({"v": CACHE_VERSION, "corpus": self.corpus.fingerprint, "kind": kind,
-                               "vocab": c.vocab_size, "lower": c.lowercase, "accents": c.strip_accents,
-                               "docs": c.tokenizer_train_docs})
+        key = cache.cache_key(
+            {
+                "v": CACHE_VERSION,
+                "corpus": self.corpus.fingerprint,
+                "kind": kind,
+                "vocab": c.vocab_size,
+                "lower": c.lowercase,
+                "accents": c.strip_accents,
+                "docs": c.tokenizer_train_docs,
+            }
+        )
         entry = self.cache_root / "tokenizers" / f"{kind}-{key}"
         if cache.load_entry(entry) is not None:
             return Tokenizer.from_file(str(entry / "tokenizer.json"))
         log.info("training a %s tokenizer (vocab %d) on the training split", kind, c.vocab_size)
-        tok = train_tokenizer(kind, self._training_texts(), vocab_size=c.vocab_size, lowercase=c.lowercase,
-                              strip_accents=c.strip_accents)
+        tok = train_tokenizer(
+            kind, self._training_texts(), vocab_size=c.vocab_size, lowercase=c.lowercase, strip_accents=c.strip_accents
+        )
         with cache.build_entry(entry) as (tmp, meta):
             tok.save(str(tmp / "tokenizer.json"))
             meta.update(kind=kind, vocab_size=tok.get_vocab_size())
@@ -104,8 +113,9 @@ class TextDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: Any, sampler: Any = None, collate_fn: Any = None,
-                num_workers: int | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Any, sampler: Any = None, collate_fn: Any = None, num_workers: int | None = None
+    ) -> DataLoader:
         workers = self.cfg.num_workers if num_workers is None else num_workers
         return ResumableLoader(
             dataset,
@@ -138,8 +148,12 @@ class TextDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The data position (saved by Lightning in every checkpoint) and the settings that decide it."""
         consumed = self._consumed * self.micro_batch_size  # samples of this epoch, per rank
-        state: dict[str, Any] = {"epoch": self._consumed_epoch, "consumed": consumed, "seed": self.seed,
-                                 "data": dataclasses.asdict(self.cfg)}
+        state: dict[str, Any] = {
+            "epoch": self._consumed_epoch,
+            "consumed": consumed,
+            "seed": self.seed,
+            "data": dataclasses.asdict(self.cfg),
+        }
         if self.train_sampler is not None:
             state["sampler"] = self.train_sampler.state_dict(consumed)
         train_set = getattr(self, "train_set", None)
@@ -164,14 +178,17 @@ class TextDataModule(L.LightningDataModule):
 
     def _make_train_sampler(self, n: int, with_replacement: int | None = None) -> ResumableSampler:
         rank, world = self._rank_world()
-        sampler = ResumableSampler(n, shuffle=True, seed=self.seed, rank=rank, world_size=world,
-                                   with_replacement=with_replacement)
+        sampler = ResumableSampler(
+            n, shuffle=True, seed=self.seed, rank=rank, world_size=world, with_replacement=with_replacement
+        )
         state = getattr(self, "_resume_state", None) or {}
         resume = state.get("sampler")
         if resume:
             if resume.get("n") != n:
-                raise DataError(f"the training split has {n} samples but the checkpoint's run had {resume.get('n')}: "
-                                "resume with the same data and data.* settings (or start a new run with init_from=)")
+                raise DataError(
+                    f"the training split has {n} samples but the checkpoint's run had {resume.get('n')}: "
+                    "resume with the same data and data.* settings (or start a new run with init_from=)"
+                )
             sampler.load_state_dict(resume)
             self._consumed = sampler.skip // self.micro_batch_size
             self._consumed_epoch = sampler.epoch
@@ -186,8 +203,10 @@ class TextDataModule(L.LightningDataModule):
             return
         rank, world = self._rank_world()
         if len(per_rank) != world:
-            raise DataError(f"the checkpoint's streaming position was saved by {len(per_rank)} processes, this run has "
-                            f"{world}: resume a streaming run on the same number of devices")
+            raise DataError(
+                f"the checkpoint's streaming position was saved by {len(per_rank)} processes, this run has "
+                f"{world}: resume a streaming run on the same number of devices"
+            )
         stream.load_state_dict(per_rank[rank])
         self._consumed = int(state["consumed"]) // self.micro_batch_size
         self._consumed_epoch = int(state["epoch"])
@@ -238,8 +257,12 @@ class CausalLMDataModule(TextDataModule):
                 tokenized = tokenize_dataset(ds, tok, eot=eot, num_proc=self.cfg.num_proc)
                 meta[f"{split}_tokens"] = write_tokens(tokenized, tmp / f"{split}.npy", dtype)
             meta.update(dtype=dtype.name, vocab_size=tok.get_vocab_size(), tokenizer=tokenizer_hash(tok))
-        log.info("tokenized corpus cached at %s: %s train / %s val tokens", entry,
-                 f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}")
+        log.info(
+            "tokenized corpus cached at %s: %s train / %s val tokens",
+            entry,
+            f"{meta['train_tokens']:,}",
+            f"{meta['val_tokens']:,}",
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -259,11 +282,15 @@ class CausalLMDataModule(TextDataModule):
             self.val_set = PackedBlocks(entry / "val.npy", bs)
         for name, ds in (("training", self.train_set), ("validation", self.val_set)):
             if not isinstance(ds, IterableDataset) and len(ds) == 0:
-                raise DataError(f"the {name} split has {ds.n_tokens} tokens, too short for one block of "
-                                f"data.block_size={bs}: use a longer corpus or a smaller data.block_size")
+                raise DataError(
+                    f"the {name} split has {ds.n_tokens} tokens, too short for one block of "
+                    f"data.block_size={bs}: use a longer corpus or a smaller data.block_size"
+                )
         if not isinstance(self.train_set, IterableDataset) and len(self.train_set) < self.micro_batch_size:
-            raise DataError(f"the training split has {len(self.train_set)} blocks of {bs} tokens, fewer than one "
-                            f"batch of {self.micro_batch_size}: use a longer corpus or smaller data.batch_size/block_size")
+            raise DataError(
+                f"the training split has {len(self.train_set)} blocks of {bs} tokens, fewer than one "
+                f"batch of {self.micro_batch_size}: use a longer corpus or smaller data.batch_size/block_size"
+            )
         self.log_sample()
 
     def log_sample(self) -> None:
@@ -275,8 +302,10 @@ class CausalLMDataModule(TextDataModule):
         if isinstance(self.train_set, StreamingBlocks):
             self._resume_stream(self.train_set)
             if self.cfg.num_workers:
-                log.info("data.streaming: the training stream is read in the main process (num_workers=0) so that "
-                         "it can resume mid-pass")
+                log.info(
+                    "data.streaming: the training stream is read in the main process (num_workers=0) so that "
+                    "it can resume mid-pass"
+                )
             return self._loader(self.train_set, num_workers=0)
         ds = self.train_set
         if isinstance(ds, PackedBlocks) and ds.windows:
@@ -291,8 +320,10 @@ class CausalLMDataModule(TextDataModule):
         sampler.set_epoch = lambda epoch: None  # type: ignore[method-assign]
         loader = self._loader(self.val_set, sampler=sampler)
         if len(loader) == 0:
-            raise DataError(f"the validation split has {len(self.val_set)} blocks, fewer than one batch of "
-                            f"{self.micro_batch_size}: raise data.val_fraction or lower data.batch_size")
+            raise DataError(
+                f"the validation split has {len(self.val_set)} blocks, fewer than one batch of "
+                f"{self.micro_batch_size}: raise data.val_fraction or lower data.batch_size"
+            )
         return loader
 
 

@@ -49,5 +49,7 @@ def go_offline() -> None:
 
 
 def hub_offline_message(what: str, fix: str) -> str:
-    return (f"the Hugging Face Hub is unreachable (offline), so {what} cannot be downloaded: "
-            f"use local files instead ({fix}), or download it on a machine with network and copy the cache")
+    return (
+        f"the Hugging Face Hub is unreachable (offline), so {what} cannot be downloaded: "
+        f"use local files instead ({fix}), or download it on a machine with network and copy the cache"
+    )

@@ -76,8 +76,7 @@ class MLMCollator:
             )
         if pad_id is None:
             raise ValueError(
-                "tokenizer has no [PAD] token: dynamic padding needs one; add '[PAD]' to the "
-                "tokenizer's special tokens"
+                "tokenizer has no [PAD] token: dynamic padding needs one; add '[PAD]' to the tokenizer's special tokens"
             )
         if vocab_size <= 0:
             raise ValueError(f"vocab_size={vocab_size} must be positive")
@@ -88,8 +87,7 @@ class MLMCollator:
             raise ValueError(f"mlm_probability={mlm_probability} must be in (0, 1]: BERT uses 0.15")
         if max_predictions is not None and max_predictions < 1:
             raise ValueError(
-                f"max_predictions={max_predictions} must be >= 1 or None (no cap); BERT used 20 "
-                "for 128-token sequences"
+                f"max_predictions={max_predictions} must be >= 1 or None (no cap); BERT used 20 for 128-token sequences"
             )
         if whole_word_masking and not continuation_ids:
             raise ValueError(
@@ -177,9 +175,7 @@ class MLMCollator:
         # u < 0.8 -> [MASK], 0.8 <= u < 0.9 -> random token, else unchanged.
         u = rng.random(positions.size)
         random_ids = self._random_pool[rng.integers(0, self._random_pool.size, positions.size)]
-        masked[positions] = np.where(
-            u < 0.8, self.mask_id, np.where(u < 0.9, random_ids, ids[positions])
-        )
+        masked[positions] = np.where(u < 0.8, self.mask_id, np.where(u < 0.9, random_ids, ids[positions]))
         return masked, labels
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

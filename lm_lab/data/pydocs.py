@@ -16,8 +16,21 @@ import warnings
 from pathlib import Path
 
 # Folders of the stdlib that are tests, tooling or vendored code rather than documentation.
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
-              "ensurepip", "__pycache__", "pydoc_data", "config-3", "tkinter", "unittest"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "pydoc_data",
+    "config-3",
+    "tkinter",
+    "unittest",
+}
 MIN_DOC_CHARS = 200
 
 
@@ -63,8 +76,7 @@ def build_documents() -> list[dict[str, str]]:
     for path in stdlib_files():
         text = _module_docs(path)
         if text:
-            docs.append({"title": "module:" + ".".join(path.relative_to(root).with_suffix("").parts),
-                         "text": text})
+            docs.append({"title": "module:" + ".".join(path.relative_to(root).with_suffix("").parts), "text": text})
     return docs
 
 

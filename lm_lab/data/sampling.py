@@ -16,8 +16,16 @@ class ResumableSampler(Sampler[int]):
     the same number of samples (the tail that does not divide evenly is dropped).
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 with_replacement: int | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        with_replacement: int | None = None,
+    ) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         # nanoGPT-style sampling: ``with_replacement`` uniform draws from range(n) per epoch.
         self.with_replacement = with_replacement
@@ -33,10 +41,7 @@ class ResumableSampler(Sampler[int]):
         if self.with_replacement is not None:
             per_rank = self.with_replacement // self.world_size
             return torch.randint(self.n, (per_rank * self.world_size,), generator=g)[self.rank :: self.world_size]
-        if self.shuffle:
-            idx = torch.randperm(self.n, generator=g)
-        else:
-            idx = torch.arange(self.n)
+        idx = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         per_rank = self.n // self.world_size
         return idx[self.rank : per_rank * self.world_size : self.world_size]
 

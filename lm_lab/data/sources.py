@@ -21,8 +21,16 @@ from lm_lab.data import pydocs
 from lm_lab.data.config import DataConfig
 from lm_lab.data.hub import hub_offline_message, hub_reachable
 
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-            ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
 TEXT_BUILDERS = {"text", "json", "csv"}
 
 
@@ -56,8 +64,10 @@ def resolve_files(data_files: Any) -> list[Path]:
             continue  # remote URLs are datasets' business
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
-            raise DataError(f"data file not found: {pattern}: check data.data_files (relative paths start "
-                            f"from the directory you launched from, {os.getcwd()})")
+            raise DataError(
+                f"data file not found: {pattern}: check data.data_files (relative paths start "
+                f"from the directory you launched from, {os.getcwd()})"
+            )
         for m in matches:
             p = Path(m)
             if p.is_dir():
@@ -78,8 +88,10 @@ def check_utf8(path: Path, limit: int = 1 << 20) -> None:
     try:
         decoder.decode(chunk, final=len(chunk) < limit)
     except UnicodeDecodeError as e:
-        raise DataError(f"data file {path} is not UTF-8 text (byte {e.start}): convert it with "
-                        f"`iconv -t utf-8` or pass a UTF-8 file") from e
+        raise DataError(
+            f"data file {path} is not UTF-8 text (byte {e.start}): convert it with "
+            f"`iconv -t utf-8` or pass a UTF-8 file"
+        ) from e
 
 
 def infer_builder(files: list[Path]) -> str:
@@ -100,8 +112,13 @@ def _files_fingerprint(files: list[Path]) -> str:
 
 def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
     if cfg.path == "pydocs" and cfg.data_files is None:
-        return _carve(_pydocs_dataset(cfg), cfg, fingerprint=f"pydocs-{pydocs.fingerprint()}",
-                      description="built-in corpus: Python's own documentation", contiguous=False)
+        return _carve(
+            _pydocs_dataset(cfg),
+            cfg,
+            fingerprint=f"pydocs-{pydocs.fingerprint()}",
+            description="built-in corpus: Python's own documentation",
+            contiguous=False,
+        )
 
     files = resolve_files(cfg.data_files)
     builder = cfg.path
@@ -112,28 +129,37 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
         for p in files:
             check_utf8(p)
     if not local and not hub_reachable():
-        raise DataError(hub_offline_message(f"dataset {builder!r}",
-                                            "data.path=text data.data_files=/path/to/*.txt"))
+        raise DataError(hub_offline_message(f"dataset {builder!r}", "data.path=text data.data_files=/path/to/*.txt"))
     kwargs: dict[str, Any] = {}
     if builder == "text":
         kwargs["sample_by"] = cfg.sample_by
     try:
         loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, streaming=cfg.streaming, **kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DataError(f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use "
-                        "data.path=text data.data_files=<local files>") from e
+        raise DataError(
+            f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use "
+            "data.path=text data.data_files=<local files>"
+        ) from e
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
-        raise DataError(f"could not read data files {', '.join(map(str, files)) or builder}: "
-                        f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; "
-                        "check the files' format matches data.path") from e
+        raise DataError(
+            f"could not read data files {', '.join(map(str, files)) or builder}: "
+            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; "
+            "check the files' format matches data.path"
+        ) from e
     except UnicodeDecodeError as e:
         raise DataError(f"data files are not UTF-8 text ({e.reason}): convert them to UTF-8") from e
     splits = list(loaded.keys())
     if cfg.split not in splits:
         raise DataError(f"dataset has no split {cfg.split!r} (it has {splits}): set data.split")
-    fp_parts = {"builder": builder, "name": cfg.name, "files": _files_fingerprint(files),
-                "split": cfg.split, "text_column": cfg.text_column, "sample_by": cfg.sample_by}
+    fp_parts = {
+        "builder": builder,
+        "name": cfg.name,
+        "files": _files_fingerprint(files),
+        "split": cfg.split,
+        "text_column": cfg.text_column,
+        "sample_by": cfg.sample_by,
+    }
     if not files:
         fp_parts["hub_fingerprint"] = getattr(loaded[cfg.split], "_fingerprint", None)
     train = _text_only(loaded[cfg.split], cfg)

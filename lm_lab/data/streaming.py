@@ -32,8 +32,16 @@ class StreamingBlocks(IterableDataset):
     themselves, and ``datasets`` shards a stream across workers by its files, not by batches.
     """
 
-    def __init__(self, source: Any, tok: Tokenizer, block_size: int, *, rank: int = 0, world_size: int = 1,
-                 encode_batch: int = 64) -> None:
+    def __init__(
+        self,
+        source: Any,
+        tok: Tokenizer,
+        block_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        encode_batch: int = 64,
+    ) -> None:
         self.source = split_dataset_by_node(source, rank=rank, world_size=world_size) if world_size > 1 else source
         self.tok_json = tok.to_str()
         self.block_size = block_size

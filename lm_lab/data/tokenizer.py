@@ -93,7 +93,9 @@ def load_tokenizer(source: str) -> Tokenizer:
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise TokenizerError(f"{path} is not a tokenizers JSON file ({e}): point data.tokenizer at an HF tokenizer") from e
+            raise TokenizerError(
+                f"{path} is not a tokenizers JSON file ({e}): point data.tokenizer at an HF tokenizer"
+            ) from e
     if source.startswith((".", "/", "~")) or source.endswith(".json"):
         raise TokenizerError(f"tokenizer {source} not found: check data.tokenizer (a directory holding tokenizer.json)")
     return _from_transformers(source)
@@ -111,7 +113,9 @@ def _from_transformers(source: str) -> Tokenizer:
     except Exception as e:
         raise TokenizerError(f"could not load tokenizer {source!r} ({type(e).__name__}): check data.tokenizer") from e
     if not getattr(hf, "is_fast", False):
-        raise TokenizerError(f"tokenizer {source!r} has no fast (tokenizers) version: convert it with transformers first")
+        raise TokenizerError(
+            f"tokenizer {source!r} has no fast (tokenizers) version: convert it with transformers first"
+        )
     return hf.backend_tokenizer
 
 
@@ -131,8 +135,13 @@ def eot_id(tok: Tokenizer) -> int | None:
 def special_token_map(tok: Tokenizer, family: str) -> dict[str, str]:
     """Special-token roles for ``PreTrainedTokenizerFast`` (only those the vocabulary has)."""
     if family == "bert":
-        wanted = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"}
+        wanted = {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        }
     else:
         eot = next((n for n in (EOT, "</s>", "<eos>") if tok.token_to_id(n) is not None), None)
         wanted = {"bos_token": eot, "eos_token": eot}
@@ -148,8 +157,9 @@ def to_hf(tok: Tokenizer, family: str) -> Any:
     kwargs: dict[str, Any] = dict(special_token_map(tok, family))
     if family == "bert":
         kwargs["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
-    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.to_str()),
-                                 clean_up_tokenization_spaces=False, **kwargs)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.to_str()), clean_up_tokenization_spaces=False, **kwargs
+    )
     return hf
 
 

@@ -60,8 +60,7 @@ class BertConfig(ConfigBase):
         return 4 * self.n_embd if self.intermediate_size is None else self.intermediate_size
 
     def validate(self) -> None:
-        self.require(self.family == "bert",
-                     f"model.family={self.family!r} must be 'bert' for BertConfig")
+        self.require(self.family == "bert", f"model.family={self.family!r} must be 'bert' for BertConfig")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len", "type_vocab_size"):
             value = getattr(self, name)
             self.require(value is None or value > 0, f"model.{name}={value} must be > 0")  # None: vocab only
@@ -113,9 +112,11 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
-        x = (self.word_embeddings(input_ids)  # (B, T, C)
-             + self.position_embeddings(pos)  # (T, C), broadcast over B
-             + self.token_type_embeddings(token_type_ids))
+        x = (
+            self.word_embeddings(input_ids)  # (B, T, C)
+            + self.position_embeddings(pos)  # (T, C), broadcast over B
+            + self.token_type_embeddings(token_type_ids)
+        )
         return self.dropout(self.LayerNorm(x))
 
 
@@ -298,8 +299,10 @@ class BertModel(nn.Module):
 
         if mlm_positions is not None:
             if mlm_positions.dtype != torch.bool or mlm_positions.shape != (b, t):
-                raise ValueError(f"mlm_positions must be a boolean (B, T)=({b}, {t}) tensor, "
-                                 f"got {mlm_positions.dtype} {tuple(mlm_positions.shape)}")
+                raise ValueError(
+                    f"mlm_positions must be a boolean (B, T)=({b}, {t}) tensor, "
+                    f"got {mlm_positions.dtype} {tuple(mlm_positions.shape)}"
+                )
             # The (C -> V) matmul dominates the cost and only ~15% of tokens are masked:
             # gather them first so the head runs on (N_masked, C) instead of (B, T, C).
             mlm_logits = self.cls.predictions(h[mlm_positions])  # (N_masked, V)

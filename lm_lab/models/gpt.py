@@ -55,8 +55,10 @@ class GPTConfig(ConfigBase):
             f"choose n_embd a multiple of n_head (e.g. model.n_embd={self.n_head * max(1, self.n_embd // self.n_head)})",
         )
         self.require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
-        self.require(self.activation in ACTIVATIONS,
-                     f"model.activation={self.activation!r} is unknown: use one of {sorted(ACTIVATIONS)}")
+        self.require(
+            self.activation in ACTIVATIONS,
+            f"model.activation={self.activation!r} is unknown: use one of {sorted(ACTIVATIONS)}",
+        )
 
 
 class CausalSelfAttention(nn.Module):

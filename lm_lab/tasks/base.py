@@ -37,12 +37,14 @@ class PretrainTask(L.LightningModule):
         self.optim_cfg = optimizer or OptimizerConfig()
         self.sched_cfg = scheduler or SchedulerConfig()
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({
-            "family": self.family,
-            "model": dataclasses.asdict(model_cfg),
-            "optimizer": dataclasses.asdict(self.optim_cfg),
-            "scheduler": dataclasses.asdict(self.sched_cfg),
-        })
+        self.save_hyperparameters(
+            {
+                "family": self.family,
+                "model": dataclasses.asdict(model_cfg),
+                "optimizer": dataclasses.asdict(self.optim_cfg),
+                "scheduler": dataclasses.asdict(self.sched_cfg),
+            }
+        )
         self.tokenizer_backend = tokenizer
         self._hf_tokenizer: Any = None
         # Counters live in buffers so they are saved and restored with the weights.
@@ -78,12 +80,16 @@ class PretrainTask(L.LightningModule):
         fused = o.fused if o.fused is not None else (self.device.type == "cuda")
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            fused=fused,
         )
         s = self.sched_cfg
         decay_steps = s.decay_steps or self._max_steps()
-        fn = functools.partial(lr_at, max_lr=o.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps,
-                               decay_steps=decay_steps, kind=s.kind)
+        fn = functools.partial(
+            lr_at, max_lr=o.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, decay_steps=decay_steps, kind=s.kind
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: fn(step) / o.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

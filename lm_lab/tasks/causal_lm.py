@@ -58,14 +58,17 @@ class CausalLMTask(PretrainTask):
         as_text = isinstance(prompt, str)
         eot = eot_id(self.tokenizer_backend) if self.tokenizer_backend is not None else None
         if as_text:
-            ids = self.tokenizer_backend.encode(prompt, add_special_tokens=False).ids or ([eot] if eot is not None else [0])
+            ids = self.tokenizer_backend.encode(prompt, add_special_tokens=False).ids or (
+                [eot] if eot is not None else [0]
+            )
             idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         else:
             idx = prompt.to(self.device)
-        out = self.net.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                eos_token_id=eot, generator=gen)
+        out = self.net.generate(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eot, generator=gen
+        )
         if was_training:
             self.train()
         if as_text:
-            return self.tokenizer_backend.decode(out[0, idx.size(1):].tolist(), skip_special_tokens=True)
+            return self.tokenizer_backend.decode(out[0, idx.size(1) :].tolist(), skip_special_tokens=True)
         return out
