@@ -8,8 +8,8 @@ length distribution, 15% masking), same architecture, same AdamW; tokens/s count
 tokens. lm_lab: SDPA attention, MLM head only at masked positions, batches padded to their longest
 pair. transformers: its default attention, every batch padded to the block size (as a fixed-shape
 pipeline does), MLM head over all positions. Rows 2-3 switch lm_lab's two savings off one at a time.
-Reported: the median over ``repeats`` timings of ``steps`` steps, the implementations interleaved so
-that load changes hit all of them alike. Quote CPU numbers in fp32 (bf16 is slow on CPUs without AMX).
+Reported: the median over ``repeats`` timings of ``steps`` steps; the implementations take turns
+step by step, so that load changes hit all of them alike. Quote CPU numbers in fp32 (bf16 is slow on CPUs without AMX).
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ def real_batches(args: argparse.Namespace) -> tuple[list[dict[str, torch.Tensor]
     corpus: dict[str, Any] = {"path": "pydocs"}
     if args.corpus == "shakespeare":
         corpus = {"path": "text", "data_files": str(SHAKESPEARE), "sample_by": "paragraph"}
-    cfg = DataConfig(**corpus, vocab_size=args.vocab, block_size=args.block, batch_size=args.batch,
-                     cache_dir=str(REPO / ".cache" / "lm_lab"))
+    cfg = DataConfig(
+        **corpus,
+        vocab_size=args.vocab,
+        block_size=args.block,
+        batch_size=args.batch,
+        cache_dir=str(REPO / ".cache" / "lm_lab"),
+    )
     dm = MaskedLMDataModule(cfg, seed=0)
     dm.prepare_data()
     dm.setup()
@@ -73,8 +78,12 @@ class Ours:
         b = batch if self.dynamic else pad_to(batch, self.block)
         labels = b["labels"]
         positions = labels != -100
-        out = self.model(b["input_ids"], b["token_type_ids"], b["attention_mask"],
-                         mlm_positions=positions if self.masked_head else None)
+        out = self.model(
+            b["input_ids"],
+            b["token_type_ids"],
+            b["attention_mask"],
+            mlm_positions=positions if self.masked_head else None,
+        )
         logits = out.mlm_logits if self.masked_head else out.mlm_logits[positions]
         loss = F.cross_entropy(logits, labels[positions]) + F.cross_entropy(out.nsp_logits, b["next_sentence_label"])
         loss.backward()
@@ -97,19 +106,22 @@ class HF:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         b = pad_to(batch, self.block)
-        out = self.model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-                         attention_mask=b["attention_mask"], labels=b["labels"],
-                         next_sentence_label=b["next_sentence_label"])
+        out = self.model(
+            input_ids=b["input_ids"],
+            token_type_ids=b["token_type_ids"],
+            attention_mask=b["attention_mask"],
+            labels=b["labels"],
+            next_sentence_label=b["next_sentence_label"],
+        )
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return out.loss.item()
 
 
-def timed(impl: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+def timed_step(impl: Any, batch: dict[str, torch.Tensor]) -> float:
     t0 = time.perf_counter()
-    for batch in batches:
-        impl.step(batch)
+    impl.step(batch)
     return time.perf_counter() - t0
 
 
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    load0 = os.getloadavg()[0]  # before our own work: other jobs on the machine make timings noisy
+    load0 = os.getloadavg()[0]  # before our own work
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,20 +157,37 @@ def main(argv: list[str] | None = None) -> int:
     hf = HF(cfg, args.block)
     impls[f"transformers BertForPreTraining ({hf.attn}, padded, full head)"] = hf
     for impl in impls.values():  # warm-up (allocator, kernels)
-        timed(impl, batches[:2])
+        for batch in batches[:2]:
+            timed_step(impl, batch)
+    # Step by step in turn, so that a noisy neighbour slows every implementation alike.
     times: dict[str, list[float]] = {name: [] for name in impls}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(args.repeats):
-        for name, impl in impls.items():
-            times[name].append(timed(impl, batches))
+        total = dict.fromkeys(impls, 0.0)
+        for batch in batches:
+            for name, impl in impls.items():
+                total[name] += timed_step(impl, batch)
+        for name in impls:
+            times[name].append(total[name])
+    # On an idle machine the process keeps all its threads busy: CPU time ~ threads x wall time.
+    busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
     real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     mean_len = statistics.mean(b["input_ids"].size(1) for b in batches)
-    print(f"{args.model} (L={cfg.n_layer}, H={cfg.n_embd}, A={cfg.n_head}), vocab {cfg.vocab_size}, batch {args.batch} "
-          f"x block {args.block}, corpus {args.corpus}: {real_tokens / len(batches) / args.batch:.1f} real tokens per "
-          f"sequence, dynamic padding to {mean_len:.1f} on average; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32; median of {args.repeats} x {args.steps} steps")
-    if load0 > 0.5:
-        print(f"warning: the load average was {load0:.2f} at start: other jobs are running, rerun on an idle machine")
+    print(
+        f"{args.model} (L={cfg.n_layer}, H={cfg.n_embd}, A={cfg.n_head}), vocab {cfg.vocab_size}, batch {args.batch} "
+        f"x block {args.block}, corpus {args.corpus}: {real_tokens / len(batches) / args.batch:.1f} real tokens per "
+        f"sequence, dynamic padding to {mean_len:.1f} on average; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32; median of {args.repeats} x {args.steps} steps"
+    )
+    print(
+        f"CPU time / wall time while timing: {busy:.2f} (of {torch.get_num_threads()} threads; "
+        f"load average {load0:.2f} at start)"
+    )
+    if busy < 0.9 * torch.get_num_threads():
+        print(
+            "warning: the threads did not get the CPUs to themselves: other jobs are running, rerun on an idle machine"
+        )
     base = statistics.median(times[next(reversed(impls))])
     width = max(map(len, impls))
     print(f"| {'implementation':<{width}} | ms/step | tokens/s | vs transformers |")

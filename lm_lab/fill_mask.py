@@ -48,14 +48,24 @@ def _from_hf_dir(path: Path) -> Any:
             raise CheckpointError(f"{path} is not an exported model directory (missing {f.name})")
     hf = json.loads(cfg_file.read_text())
     if hf.get("model_type") != "bert":
-        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model, not BERT: "
-                              "use python -m lm_lab.generate for GPT")
+        raise CheckpointError(
+            f"{path} holds a {hf.get('model_type')!r} model, not BERT: use python -m lm_lab.generate for GPT"
+        )
     act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("hidden_act", "gelu"), "gelu")
-    cfg = BertConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-                     n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                     max_seq_len=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-                     layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
-                     activation=act, dropout=0.0, attn_dropout=0.0)
+    cfg = BertConfig(
+        vocab_size=hf["vocab_size"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"],
+        n_embd=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        pad_token_id=hf.get("pad_token_id") or 0,
+        activation=act,
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
     task = MaskedLMTask(cfg, tokenizer=Tokenizer.from_file(str(tok_file)))
     load_hf_state_dict(task.net, load_file(str(weights)))
     return task.eval()
@@ -74,7 +84,9 @@ def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lm_lab.fill_mask", description="Fill [MASK] tokens with a trained BERT.")
+    p = argparse.ArgumentParser(
+        prog="python -m lm_lab.fill_mask", description="Fill [MASK] tokens with a trained BERT."
+    )
     p.add_argument("source", help="a .ckpt file or an exported directory")
     p.add_argument("text", help="text with one or more [MASK] tokens")
     p.add_argument("--top-k", type=int, default=5)
@@ -86,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --top-k must be >= 1", file=sys.stderr)
         return 2
     if "[MASK]" not in args.text:
-        print("error: the text has no [MASK]: write [MASK] where a word should be predicted, "
-              "e.g. 'The [MASK] sat on the mat.'", file=sys.stderr)
+        print(
+            "error: the text has no [MASK]: write [MASK] where a word should be predicted, "
+            "e.g. 'The [MASK] sat on the mat.'",
+            file=sys.stderr,
+        )
         return 2
     try:
         task = load_source(args.source).to(args.device)

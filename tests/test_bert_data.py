@@ -128,9 +128,7 @@ def test_nsp_exact_instances_and_put_back() -> None:
 
 
 def test_none_objective_packs_whole_sentences() -> None:
-    out = create_pairs(
-        SMALL_CORPUS, max_num_tokens_total=10, cls_id=CLS, sep_id=SEP, objective="none", seed=0
-    )
+    out = create_pairs(SMALL_CORPUS, max_num_tokens_total=10, cls_id=CLS, sep_id=SEP, objective="none", seed=0)
     assert out == [
         {"input_ids": [CLS, 10, 11, 12, 13, 14, 15, 16, 17, SEP], "token_type_ids": [0] * 10},
         {"input_ids": [CLS, 20, 21, 22, 23, SEP], "token_type_ids": [0] * 6},
@@ -154,9 +152,7 @@ def test_none_objective_packs_whole_sentences() -> None:
 def test_none_objective_invariants_and_long_sentence() -> None:
     docs = random_corpus(30, seed=3, max_len=25)
     docs.append([list(range(5000, 5050))])  # one sentence much longer than a block
-    out = create_pairs(
-        docs, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="none", seed=1
-    )
+    out = create_pairs(docs, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="none", seed=1)
     for inst in out:
         ids = inst["input_ids"]
         assert ids[0] == CLS and ids[-1] == SEP and len(ids) <= 16
@@ -193,12 +189,8 @@ def test_pair_invariants(objective: str, block: int) -> None:
 def test_truncation_keeps_within_max_and_contiguous() -> None:
     # Long sentences force truncation; tokens are dropped only at segment ends, so
     # each segment is still a contiguous run of the original ids.
-    docs = [
-        [list(range(100 * d + 10 * s, 100 * d + 10 * s + 9)) for s in range(4)] for d in range(1, 9)
-    ]
-    out = create_pairs(
-        docs, max_num_tokens_total=12, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0
-    )
+    docs = [[list(range(100 * d + 10 * s, 100 * d + 10 * s + 9)) for s in range(4)] for d in range(1, 9)]
+    out = create_pairs(docs, max_num_tokens_total=12, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0)
     for inst in out:
         check_pair_invariants(inst, 12)
         assert len(inst["input_ids"]) == 12  # every pair here was longer than 9 tokens
@@ -238,9 +230,7 @@ def test_nsp_labels_balanced() -> None:
     # always get a random B as in the original, which tilts short documents
     # towards label 1; with many sentences per document the split is near 50/50.
     docs = random_corpus(200, seed=11, max_sents=60, max_len=6)
-    out = create_pairs(
-        docs, max_num_tokens_total=32, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0
-    )
+    out = create_pairs(docs, max_num_tokens_total=32, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0)
     rate = np.mean([inst["next_sentence_label"] for inst in out])
     assert len(out) > 1000
     assert 0.4 <= rate <= 0.6
@@ -249,9 +239,7 @@ def test_nsp_labels_balanced() -> None:
 def test_sop_swaps_order() -> None:
     # Ids increase through each document, so the label is readable from the ids.
     docs = random_corpus(300, seed=2, max_sents=10, max_len=6)
-    out = create_pairs(
-        docs, max_num_tokens_total=24, cls_id=CLS, sep_id=SEP, objective="sop", seed=0
-    )
+    out = create_pairs(docs, max_num_tokens_total=24, cls_id=CLS, sep_id=SEP, objective="sop", seed=0)
     for inst in out:
         a, b = split_pair(inst)
         if inst["next_sentence_label"] == 0:
@@ -273,19 +261,12 @@ def test_sop_single_sentence_is_split_and_single_token_skipped() -> None:
         ordered = a + b if inst["next_sentence_label"] == 0 else b + a
         assert ordered == [10, 11, 12, 13]
     assert {inst["next_sentence_label"] for inst in out} == {0, 1}
-    assert (
-        create_pairs(
-            [[[10]]], max_num_tokens_total=8, cls_id=CLS, sep_id=SEP, objective="sop", seed=0
-        )
-        == []
-    )
+    assert create_pairs([[[10]]], max_num_tokens_total=8, cls_id=CLS, sep_id=SEP, objective="sop", seed=0) == []
 
 
 def test_single_sentence_documents_get_random_b_for_nsp() -> None:
     docs = [[[10, 11]], [[20, 21, 22]], [[30]]]
-    out = create_pairs(
-        docs, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0
-    )
+    out = create_pairs(docs, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0)
     assert len(out) == 3
     for inst in out:
         check_pair_invariants(inst, 16)
@@ -321,9 +302,7 @@ def test_random_document_callback_and_determinism() -> None:
 
 def test_errors() -> None:
     with pytest.raises(ValueError, match=r"NSP needs at least two documents.*pair_objective=sop"):
-        create_pairs(
-            [DOC0], max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0
-        )
+        create_pairs([DOC0], max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0)
     # Empty documents and empty sentences do not count as documents.
     with pytest.raises(ValueError, match="NSP needs at least two documents"):
         create_pairs(
@@ -334,21 +313,15 @@ def test_errors() -> None:
             objective="nsp",
             seed=0,
         )
-    assert create_pairs(
-        [DOC0], max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="sop", seed=0
-    )
+    assert create_pairs([DOC0], max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective="sop", seed=0)
     with pytest.raises(
         ValueError,
         match=r"data.block_size=4 is too small for \[CLS\] A \[SEP\] B \[SEP\]: use at least 8",
     ):
-        create_pairs(
-            SMALL_CORPUS, max_num_tokens_total=4, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0
-        )
+        create_pairs(SMALL_CORPUS, max_num_tokens_total=4, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0)
     with pytest.raises(ValueError, match="data.pair_objective"):
         bad: Any = "mlm"
-        create_pairs(
-            SMALL_CORPUS, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective=bad, seed=0
-        )
+        create_pairs(SMALL_CORPUS, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective=bad, seed=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -378,9 +351,7 @@ def test_split_sentences() -> None:
         "Second line",
         "Third paragraph.",
     ]
-    assert split_sentences(
-        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
-    ) == [
+    assert split_sentences("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.") == [
         "First Citizen:",
         "Before we proceed any further, hear me speak.",
         "All:",
@@ -408,9 +379,7 @@ def random_examples(n: int, seed: int, min_len: int = 20, max_len: int = 120) ->
         cut = len(body) // 2
         ids = [CLS, *body[:cut], SEP, *body[cut:], SEP]
         types = [0] * (cut + 2) + [1] * (len(body) - cut + 1)
-        out.append(
-            {"input_ids": ids, "token_type_ids": types, "next_sentence_label": i % 2, "index": i}
-        )
+        out.append({"input_ids": ids, "token_type_ids": types, "next_sentence_label": i % 2, "index": i})
     return out
 
 
@@ -471,16 +440,12 @@ def test_specials_and_padding_never_masked_and_dynamic_padding() -> None:
         assert batch["token_type_ids"][row].tolist() == ex["token_type_ids"] + [0] * (longest - n)
         # Random replacements never produce special ids (only [MASK] itself).
         changed = batch["input_ids"][row, :n] != original
-        assert not torch.any(
-            torch.isin(batch["input_ids"][row, :n][changed], torch.tensor([PAD, CLS, SEP, UNK]))
-        )
+        assert not torch.any(torch.isin(batch["input_ids"][row, :n][changed], torch.tensor([PAD, CLS, SEP, UNK])))
     assert batch["next_sentence_label"].tolist() == [i % 2 for i in range(8)]
     # Shorter batch -> shorter padding; label column only when every example has one.
     del examples[0]["next_sentence_label"]
     small = collator([examples[0], examples[1]])
-    assert small["input_ids"].shape[1] == max(
-        len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
-    )
+    assert small["input_ids"].shape[1] == max(len(examples[0]["input_ids"]), len(examples[1]["input_ids"]))
     assert "next_sentence_label" not in small
     # token_type_ids may be absent (the `none` objective) -> zeros
     plain = collator([{"input_ids": [CLS, 7, 8, 9, SEP], "index": 0}])
@@ -595,8 +560,7 @@ def test_whole_word_masking_with_real_wordpiece() -> None:
     )  # fmt: skip
     encodings = [tok.encode(line) for line in lines]
     examples = [
-        {"input_ids": [vocab["[CLS]"], *enc.ids, vocab["[SEP]"]], "index": i}
-        for i, enc in enumerate(encodings)
+        {"input_ids": [vocab["[CLS]"], *enc.ids, vocab["[SEP]"]], "index": i} for i, enc in enumerate(encodings)
     ]
     batch = collator(examples)
     multi_piece_masked = 0
@@ -626,13 +590,9 @@ def test_collator_argument_errors() -> None:
     with pytest.raises(ValueError, match="outside the vocabulary"):
         MLMCollator(vocab_size=100, mask_id=100, pad_id=PAD, special_ids=SPECIALS)
     with pytest.raises(ValueError, match="mlm_probability"):
-        MLMCollator(
-            vocab_size=100, mask_id=MASK, pad_id=PAD, special_ids=SPECIALS, mlm_probability=0.0
-        )
+        MLMCollator(vocab_size=100, mask_id=MASK, pad_id=PAD, special_ids=SPECIALS, mlm_probability=0.0)
     with pytest.raises(ValueError, match="continuation_ids"):
-        MLMCollator(
-            vocab_size=100, mask_id=MASK, pad_id=PAD, special_ids=SPECIALS, whole_word_masking=True
-        )
+        MLMCollator(vocab_size=100, mask_id=MASK, pad_id=PAD, special_ids=SPECIALS, whole_word_masking=True)
     with pytest.raises(ValueError, match="'index'"):
         make_collator()([{"input_ids": [CLS, 9, SEP]}])
 

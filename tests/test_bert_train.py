@@ -83,8 +83,10 @@ def test_autotokenizer_encodes_pairs_like_the_pipeline(trained: dict) -> None:
     tok = AutoTokenizer.from_pretrained(str(trained["run_dir"] / "tokenizer"))
     backend = dm.tokenizer
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    for a, b in [("First Citizen:", "Before we proceed any further, hear me speak."),
-                 ("O Romeo, Romeo! wherefore art thou Romeo?", "Deny thy father and refuse thy name.")]:
+    for a, b in [
+        ("First Citizen:", "Before we proceed any further, hear me speak."),
+        ("O Romeo, Romeo! wherefore art thou Romeo?", "Deny thy father and refuse thy name."),
+    ]:
         ia = backend.encode(a, add_special_tokens=False).ids
         ib = backend.encode(b, add_special_tokens=False).ids
         enc = tok(a, b)
@@ -130,8 +132,14 @@ def test_fill_mask_cli_on_checkpoint_and_export(trained: dict, tmp_path: Path, c
 def test_two_phases_with_init_from(trained: dict, compose_cfg) -> None:
     """Phase 2 at a longer block starts from phase 1's weights with a fresh step count."""
     phase1 = trained["task"]
-    cfg = compose_cfg(*BERT, "data.block_size=128", "trainer.max_steps=2", "data.max_predictions=null",
-                      "trainer.val_check_interval=2", f"init_from={trained['ckpt']}")
+    cfg = compose_cfg(
+        *BERT,
+        "data.block_size=128",
+        "trainer.max_steps=2",
+        "data.max_predictions=null",
+        "trainer.val_check_interval=2",
+        f"init_from={trained['ckpt']}",
+    )
     metrics, objects = train(cfg)
     task, dm = objects["task"], objects["datamodule"]
     assert objects["trainer"].global_step == 2
@@ -156,16 +164,20 @@ def test_init_from_needs_matching_model(trained: dict) -> None:
         init_weights_from(other, trained["ckpt"])
     fresh = MaskedLMTask(trained["task"].model_cfg)
     init_weights_from(fresh, trained["ckpt"])
-    assert torch.equal(fresh.net.bert.embeddings.word_embeddings.weight,
-                       trained["task"].net.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        fresh.net.bert.embeddings.word_embeddings.weight, trained["task"].net.bert.embeddings.word_embeddings.weight
+    )
 
 
-@pytest.mark.parametrize(("override", "match"), [
-    ("data.sample_by=document", "draws random B segments from other documents"),
-    ("data.block_size=4", "too small for \\[CLS\\] A \\[SEP\\] B \\[SEP\\]"),
-    ("data.tokenizer=bpe", "no \\[MASK\\]"),
-    ("data.streaming=true", "GPT-only for now"),
-])
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("data.sample_by=document", "draws random B segments from other documents"),
+        ("data.block_size=4", "too small for \\[CLS\\] A \\[SEP\\] B \\[SEP\\]"),
+        ("data.tokenizer=bpe", "no \\[MASK\\]"),
+        ("data.streaming=true", "GPT-only for now"),
+    ],
+)
 def test_bad_inputs_fail_with_one_line(compose_cfg, override: str, match: str) -> None:
     with pytest.raises(USER_ERRORS, match=match) as info:
         train(compose_cfg(*BERT, override))
@@ -173,8 +185,12 @@ def test_bad_inputs_fail_with_one_line(compose_cfg, override: str, match: str) -
 
 
 def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "train.py", "model=bert_tiny", "data.tokenizer=char",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "model=bert_tiny", "data.tokenizer=char", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.tokenizer=char has no [MASK]")
 
@@ -198,8 +214,10 @@ def test_documents_are_split_into_tokenized_sentences(tmp_path: Path) -> None:
     tok = train_tokenizer("wordpiece", texts * 5, vocab_size=200)
     docs = tokenize_documents(datasets.Dataset.from_dict({"text": texts}), tok, tmp_path / "s" / "data.arrow")
     assert len(docs) == 2  # empty and blank documents are dropped
-    expected = [[tok.encode(s, add_special_tokens=False).ids for s in ("First line.", "Second one!", "Third?")],
-                [tok.encode("Only one sentence", add_special_tokens=False).ids]]
+    expected = [
+        [tok.encode(s, add_special_tokens=False).ids for s in ("First line.", "Second one!", "Third?")],
+        [tok.encode("Only one sentence", add_special_tokens=False).ids],
+    ]
     assert [docs[0], docs[1]] == expected
 
 
@@ -240,8 +258,14 @@ def test_bert_presets_match_the_published_sizes() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    expected = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768),
-                "large": (24, 1024)}
+    expected = {
+        "tiny": (2, 128),
+        "mini": (4, 256),
+        "small": (4, 512),
+        "medium": (8, 512),
+        "base": (12, 768),
+        "large": (24, 1024),
+    }
     for name, (n_layer, n_embd) in expected.items():
         cfg = hydra.utils.instantiate(OmegaConf.load(REPO / "conf" / "model" / f"bert_{name}.yaml"))
         assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size) == (n_layer, n_embd, n_embd // 64, None)
@@ -263,8 +287,14 @@ def test_streaming_is_refused_early() -> None:
 def test_bert_tiny_cpu_experiment_learns(compose_cfg) -> None:
     """A quarter of the recipe (~1 min): MLM well above chance; NSP better than its label prior
     (63% of validation pairs have a random B: always guessing it scores 0.63, loss 0.66)."""
-    cfg = compose_cfg("experiment=bert_tiny_cpu", f"data.data_files={SHAKESPEARE}", "trainer.max_steps=600",
-                      "trainer.val_check_interval=600", "logger=csv", "trainer.enable_progress_bar=false")
+    cfg = compose_cfg(
+        "experiment=bert_tiny_cpu",
+        f"data.data_files={SHAKESPEARE}",
+        "trainer.max_steps=600",
+        "trainer.val_check_interval=600",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    )
     metrics, _ = train(cfg)
     assert metrics["val/mlm_acc"] > 0.12
     assert metrics["val/nsp_loss"] < 0.63

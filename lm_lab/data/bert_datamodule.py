@@ -82,25 +82,36 @@ class MaskedLMDataModule(TextDataModule):
     def _check_config(self) -> None:
         c = self.cfg
         if c.streaming:
-            raise DataError("data.streaming=true is GPT-only for now: BERT pairs need random access to other "
-                            "documents; set data.streaming=false (the corpus is then downloaded and cached once)")
+            raise DataError(
+                "data.streaming=true is GPT-only for now: BERT pairs need random access to other "
+                "documents; set data.streaming=false (the corpus is then downloaded and cached once)"
+            )
         need = min_block_size(c.pair_objective)
         if c.block_size < need:
             shape = "[CLS] tokens [SEP]" if c.pair_objective == "none" else "[CLS] A [SEP] B [SEP]"
-            raise DataError(f"data.block_size={c.block_size} is too small for {shape} (at least {need} tokens): "
-                            f"use data.block_size=128 (BERT's phase 1) or at least 32")
+            raise DataError(
+                f"data.block_size={c.block_size} is too small for {shape} (at least {need} tokens): "
+                f"use data.block_size=128 (BERT's phase 1) or at least 32"
+            )
         if c.tokenizer in ("bpe", "char"):
-            raise TokenizerError(f"data.tokenizer={c.tokenizer} has no [MASK]/[CLS]/[SEP] tokens, which BERT needs: "
-                                 "use data.tokenizer=auto (WordPiece) or an HF BERT tokenizer directory")
+            raise TokenizerError(
+                f"data.tokenizer={c.tokenizer} has no [MASK]/[CLS]/[SEP] tokens, which BERT needs: "
+                "use data.tokenizer=auto (WordPiece) or an HF BERT tokenizer directory"
+            )
 
     def _check_documents(self, n_docs: int, split: str) -> None:
         if self.cfg.pair_objective == "nsp" and n_docs < 2:
-            hint = ("data.sample_by=paragraph (one document per blank-line-separated paragraph)"
-                    if self.cfg.path in ("text", None) else "a corpus with more documents")
+            hint = (
+                "data.sample_by=paragraph (one document per blank-line-separated paragraph)"
+                if self.cfg.path in ("text", None)
+                else "a corpus with more documents"
+            )
             more = " or raise data.val_fraction" if split == "validation" else ""
-            raise DataError(f"the {split} split has {n_docs} non-empty document(s), but next-sentence prediction "
-                            f"draws random B segments from other documents: use {hint}{more}, "
-                            "or data.pair_objective=sop (or none)")
+            raise DataError(
+                f"the {split} split has {n_docs} non-empty document(s), but next-sentence prediction "
+                f"draws random B segments from other documents: use {hint}{more}, "
+                "or data.pair_objective=sop (or none)"
+            )
 
     def _make_tokenizer(self) -> Tokenizer:
         self._check_documents(len(self.corpus.train), "train")  # before training a tokenizer for nothing
@@ -111,31 +122,53 @@ class MaskedLMDataModule(TextDataModule):
     # ------------------------------------------------------------------ cache of pair instances
     def pairs_cache(self) -> Path:
         c = self.cfg
-        key = cache.cache_key({"v": PAIRS_VERSION, "corpus": self.corpus.fingerprint,
-                               "tok": tokenizer_hash(self.tokenizer), "block": c.block_size,
-                               "objective": c.pair_objective, "short": c.short_seq_prob, "dupe": c.dupe_factor,
-                               "seed": self.seed})
+        key = cache.cache_key(
+            {
+                "v": PAIRS_VERSION,
+                "corpus": self.corpus.fingerprint,
+                "tok": tokenizer_hash(self.tokenizer),
+                "block": c.block_size,
+                "objective": c.pair_objective,
+                "short": c.short_seq_prob,
+                "dupe": c.dupe_factor,
+                "seed": self.seed,
+            }
+        )
         return self.cache_root / "bert_pairs" / key
 
     def prepare_data(self) -> None:
         entry = self.pairs_cache()
         meta = cache.load_entry(entry)
         if meta is not None:
-            log.info("sentence pairs found in cache: %s (%s train / %s val instances)", entry,
-                     f"{meta['train']['instances']:,}", f"{meta['validation']['instances']:,}")
+            log.info(
+                "sentence pairs found in cache: %s (%s train / %s val instances)",
+                entry,
+                f"{meta['train']['instances']:,}",
+                f"{meta['validation']['instances']:,}",
+            )
             return
         tok = self.tokenizer
         ids = special_ids(tok)
         c = self.cfg
         with cache.build_entry(entry) as (tmp, meta):
-            for split, ds, seed, dupe in (("train", self.corpus.train, self.seed, c.dupe_factor),
-                                          ("validation", self.corpus.validation, VAL_SEED, 1)):
+            for split, ds, seed, dupe in (
+                ("train", self.corpus.train, self.seed, c.dupe_factor),
+                ("validation", self.corpus.validation, VAL_SEED, 1),
+            ):
                 docs = tokenize_documents(ds, tok, tmp / f"_sentences-{split}" / "data.arrow", num_proc=c.num_proc)
                 self._check_documents(len(docs), split)
-                pairs = build_pairs(docs, max_num_tokens_total=c.block_size, cls_id=ids["[CLS]"],
-                                    sep_id=ids["[SEP]"], objective=c.pair_objective,
-                                    short_seq_prob=c.short_seq_prob, seed=seed, dupe_factor=dupe,
-                                    cache_dir=tmp / f"_gen-{split}", fingerprint=f"{entry.name}-{split}")
+                pairs = build_pairs(
+                    docs,
+                    max_num_tokens_total=c.block_size,
+                    cls_id=ids["[CLS]"],
+                    sep_id=ids["[SEP]"],
+                    objective=c.pair_objective,
+                    short_seq_prob=c.short_seq_prob,
+                    seed=seed,
+                    dupe_factor=dupe,
+                    cache_dir=tmp / f"_gen-{split}",
+                    fingerprint=f"{entry.name}-{split}",
+                )
                 pairs.save_to_disk(str(tmp / split))
                 meta[split] = {"documents": len(docs), **pair_stats(pairs)}
                 del docs, pairs
@@ -145,12 +178,20 @@ class MaskedLMDataModule(TextDataModule):
         for split in ("train", "validation"):
             s = meta[split]
             balance = f", {s['random_b']:.0%} with label 1 (random/swapped B)" if "random_b" in s else ""
-            log.info("%s: %s documents -> %s instances, mean length %.1f tokens%s", split,
-                     f"{s['documents']:,}", f"{s['instances']:,}", s["mean_length"], balance)
+            log.info(
+                "%s: %s documents -> %s instances, mean length %.1f tokens%s",
+                split,
+                f"{s['documents']:,}",
+                f"{s['instances']:,}",
+                s["mean_length"],
+                balance,
+            )
         if c.pair_objective == "nsp" and meta["train"].get("random_b", 0.5) > 0.7:
-            log.warning("%.0f%% of NSP pairs have a random B (one-sentence documents always do): the NSP task is "
-                        "unbalanced; consider data.pair_objective=sop or longer documents",
-                        100 * meta["train"]["random_b"])
+            log.warning(
+                "%.0f%% of NSP pairs have a random B (one-sentence documents always do): the NSP task is "
+                "unbalanced; consider data.pair_objective=sop or longer documents",
+                100 * meta["train"]["random_b"],
+            )
 
     # ------------------------------------------------------------------ setup and loaders
     def setup(self, stage: str | None = None) -> None:
@@ -164,8 +205,10 @@ class MaskedLMDataModule(TextDataModule):
         for name, ds in (("training", self.train_set), ("validation", self.val_set)):
             if len(ds) < self.micro_batch_size:
                 fix = "raise data.val_fraction or lower" if name == "validation" else "use a longer corpus or lower"
-                raise DataError(f"the {name} split has {len(ds)} sentence-pair instances, fewer than one batch of "
-                                f"{self.micro_batch_size}: {fix} data.batch_size")
+                raise DataError(
+                    f"the {name} split has {len(ds)} sentence-pair instances, fewer than one batch of "
+                    f"{self.micro_batch_size}: {fix} data.batch_size"
+                )
         self.train_collate = EpochMaskedCollate(self._collator(seed=self.seed))
         self.val_collate = EpochMaskedCollate(self._collator(seed=VAL_SEED))
         self.log_sample()
@@ -178,20 +221,31 @@ class MaskedLMDataModule(TextDataModule):
             prefix = continuation_prefix(tok)
             continuation = [i for t, i in tok.get_vocab().items() if prefix and t.startswith(prefix)]
             if not continuation:
-                raise TokenizerError("data.whole_word_masking=true needs a WordPiece tokenizer (word pieces starting "
-                                     "with ##): use data.tokenizer=auto or set data.whole_word_masking=false")
+                raise TokenizerError(
+                    "data.whole_word_masking=true needs a WordPiece tokenizer (word pieces starting "
+                    "with ##): use data.tokenizer=auto or set data.whole_word_masking=false"
+                )
         max_pred = c.max_predictions or default_max_predictions(c.block_size, c.mlm_probability)
-        return MLMCollator(vocab_size=tok.get_vocab_size(), mask_id=ids["[MASK]"], pad_id=ids["[PAD]"],
-                           special_ids=list(ids.values()), mlm_probability=c.mlm_probability,
-                           max_predictions=max_pred, whole_word_masking=c.whole_word_masking,
-                           continuation_ids=continuation, seed=seed)
+        return MLMCollator(
+            vocab_size=tok.get_vocab_size(),
+            mask_id=ids["[MASK]"],
+            pad_id=ids["[PAD]"],
+            special_ids=list(ids.values()),
+            mlm_probability=c.mlm_probability,
+            max_predictions=max_pred,
+            whole_word_masking=c.whole_word_masking,
+            continuation_ids=continuation,
+            seed=seed,
+        )
 
     def log_sample(self) -> None:
         assert self.train_set is not None and self.train_collate is not None
         batch = self.train_collate([self.train_set[0]])
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-        pieces = [self.tokenizer.id_to_token(i) + (f"({self.tokenizer.id_to_token(lab)})" if lab != IGNORE_INDEX else "")
-                  for i, lab in zip(ids, labels, strict=True)]
+        pieces = [
+            self.tokenizer.id_to_token(i) + (f"({self.tokenizer.id_to_token(lab)})" if lab != IGNORE_INDEX else "")
+            for i, lab in zip(ids, labels, strict=True)
+        ]
         label = batch.get("next_sentence_label")
         about = f" with next_sentence_label={int(label[0])} (0 = B follows A)" if label is not None else ""
         log.info("sample of the training data%s; masked positions show (original): %s", about, " ".join(pieces))
@@ -209,8 +263,10 @@ class MaskedLMDataModule(TextDataModule):
         sampler.set_epoch = lambda epoch: None  # type: ignore[method-assign]
         loader = self._loader(self.val_set, sampler=sampler, collate_fn=self.val_collate)
         if len(loader) == 0:
-            raise DataError(f"the validation split has {len(self.val_set)} instances, fewer than one batch of "
-                            f"{self.micro_batch_size} per device: raise data.val_fraction or lower data.batch_size")
+            raise DataError(
+                f"the validation split has {len(self.val_set)} instances, fewer than one batch of "
+                f"{self.micro_batch_size} per device: raise data.val_fraction or lower data.batch_size"
+            )
         return loader
 
 
@@ -222,8 +278,10 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     ids = {t: tok.token_to_id(t) for t in REQUIRED_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
-        raise TokenizerError(f"the tokenizer has no {' '.join(missing)} token(s), which BERT needs: use "
-                             "data.tokenizer=auto (WordPiece trained on the corpus) or an HF BERT tokenizer directory")
+        raise TokenizerError(
+            f"the tokenizer has no {' '.join(missing)} token(s), which BERT needs: use "
+            "data.tokenizer=auto (WordPiece trained on the corpus) or an HF BERT tokenizer directory"
+        )
     return ids  # type: ignore[return-value]
 
 
@@ -249,14 +307,23 @@ def _split_and_encode(batch: dict[str, list[str]], tok_json: str) -> dict[str, l
 def tokenize_documents(ds: Any, tok: Tokenizer, cache_file: Path, *, num_proc: int | None = None) -> ArrowDocuments:
     """Documents as lists of tokenized sentences, on disk; empty documents are dropped."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    features = datasets.Features({"sentences": datasets.List(datasets.List(datasets.Value("int32"))),
-                                  "n": datasets.Value("int32")})
+    features = datasets.Features(
+        {"sentences": datasets.List(datasets.List(datasets.Value("int32"))), "n": datasets.Value("int32")}
+    )
     kwargs: dict[str, Any] = {}
     if num_proc and num_proc > 1 and len(ds) >= num_proc:
         kwargs["num_proc"] = num_proc
-    docs = ds.map(_split_and_encode, batched=True, batch_size=256, fn_kwargs={"tok_json": tok.to_str()},
-                  remove_columns=ds.column_names, features=features, cache_file_name=str(cache_file),
-                  desc="splitting and tokenizing sentences", **kwargs)
+    docs = ds.map(
+        _split_and_encode,
+        batched=True,
+        batch_size=256,
+        fn_kwargs={"tok_json": tok.to_str()},
+        remove_columns=ds.column_names,
+        features=features,
+        cache_file_name=str(cache_file),
+        desc="splitting and tokenizing sentences",
+        **kwargs,
+    )
     n = docs.with_format("numpy")["n"]
     keep = np.flatnonzero(np.asarray(n) > 0)
     if len(keep) < len(docs):
@@ -300,19 +367,30 @@ def iter_pairs(docs: Sequence, *, seed: int, dupe_factor: int = 1, window: int =
                 yield from create_instances(docs, i, rng=rng, **kwargs)
 
 
-def build_pairs(docs: ArrowDocuments, *, seed: int, dupe_factor: int, cache_dir: Path, fingerprint: str,
-                objective: str, **kwargs: Any) -> datasets.Dataset:
+def build_pairs(
+    docs: ArrowDocuments,
+    *,
+    seed: int,
+    dupe_factor: int,
+    cache_dir: Path,
+    fingerprint: str,
+    objective: str,
+    **kwargs: Any,
+) -> datasets.Dataset:
     """Write the pair instances of ``docs`` to an Arrow dataset (never all in memory)."""
-    cols: dict[str, Any] = {"input_ids": datasets.List(datasets.Value("int32")),
-                            "token_type_ids": datasets.List(datasets.Value("int8"))}
+    cols: dict[str, Any] = {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "token_type_ids": datasets.List(datasets.Value("int8")),
+    }
     if objective != "none":
         cols["next_sentence_label"] = datasets.Value("int8")
 
     def gen() -> Iterator[dict]:
         yield from iter_pairs(docs, seed=seed, dupe_factor=dupe_factor, objective=objective, **kwargs)
 
-    return datasets.Dataset.from_generator(gen, features=datasets.Features(cols), cache_dir=str(cache_dir),
-                                           fingerprint=fingerprint)
+    return datasets.Dataset.from_generator(
+        gen, features=datasets.Features(cols), cache_dir=str(cache_dir), fingerprint=fingerprint
+    )
 
 
 def pair_stats(pairs: datasets.Dataset) -> dict[str, float]:
@@ -349,8 +427,10 @@ class PairDataset(Dataset):
         # One Arrow read per batch instead of one per example.
         tagged = [k if isinstance(k, tuple) else (0, k) for k in keys]
         rows = self.ds[[int(i) for _, i in tagged]]
-        return [{**{col: values[j] for col, values in rows.items()}, "index": int(i), "epoch": int(e)}
-                for j, (e, i) in enumerate(tagged)]
+        return [
+            {**{col: values[j] for col, values in rows.items()}, "index": int(i), "epoch": int(e)}
+            for j, (e, i) in enumerate(tagged)
+        ]
 
 
 class EpochTaggedSampler(Sampler):

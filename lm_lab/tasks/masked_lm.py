@@ -31,8 +31,10 @@ class MaskedLMTask(PretrainTask):
         super().__init__(model_cfg, optimizer, scheduler, tokenizer)
         pad = tokenizer.token_to_id("[PAD]") if tokenizer is not None else None
         if pad is not None and pad != model_cfg.pad_token_id:
-            raise ConfigError(f"the tokenizer's [PAD] id is {pad} but model.pad_token_id={model_cfg.pad_token_id}: "
-                              f"set model.pad_token_id={pad}")
+            raise ConfigError(
+                f"the tokenizer's [PAD] id is {pad} but model.pad_token_id={model_cfg.pad_token_id}: "
+                f"set model.pad_token_id={pad}"
+            )
         self.net = BertModel(model_cfg)
         self.flops_per_token: float | None = None  # of the last training batch; read by the Throughput callback
 
@@ -48,8 +50,9 @@ class MaskedLMTask(PretrainTask):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         labels = batch["labels"]
         positions = labels != IGNORE_INDEX  # (B, T): the ~15% of tokens the MLM head must predict
-        out = self.net(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"),
-                       mlm_positions=positions)
+        out = self.net(
+            batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"), mlm_positions=positions
+        )
         targets = labels[positions]  # (N,), aligned with out.mlm_logits (N, V)
         # Sum / max(N, 1) rather than mean: a batch without masked tokens gives 0, not NaN.
         mlm_loss = F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
@@ -91,12 +94,16 @@ class MaskedLMTask(PretrainTask):
         enc = tok.encode(text)  # the post-processor adds [CLS] ... [SEP]
         ids = torch.tensor([enc.ids], device=self.device)
         if ids.size(1) > self.model_cfg.max_seq_len:
-            raise ValueError(f"the text is {ids.size(1)} tokens long; the model reads at most "
-                             f"{self.model_cfg.max_seq_len}: shorten it")
+            raise ValueError(
+                f"the text is {ids.size(1)} tokens long; the model reads at most "
+                f"{self.model_cfg.max_seq_len}: shorten it"
+            )
         positions = ids == (mask_id if mask_id is not None else -1)
         if not bool(positions.any()):
-            raise ValueError("the text has no [MASK] token: write [MASK] where a word should be predicted, "
-                             "e.g. 'The [MASK] sat on the mat.'")
+            raise ValueError(
+                "the text has no [MASK] token: write [MASK] where a word should be predicted, "
+                "e.g. 'The [MASK] sat on the mat.'"
+            )
         was_training = self.training
         self.eval()
         types = torch.tensor([enc.type_ids], device=self.device)
@@ -104,5 +111,7 @@ class MaskedLMTask(PretrainTask):
         if was_training:
             self.train()
         probs, best = logits.float().softmax(-1).topk(min(top_k, logits.size(-1)), dim=-1)
-        return [[(tok.id_to_token(int(i)), float(p)) for p, i in zip(pr, bi, strict=True)]
-                for pr, bi in zip(probs, best, strict=True)]
+        return [
+            [(tok.id_to_token(int(i)), float(p)) for p, i in zip(pr, bi, strict=True)]
+            for pr, bi in zip(probs, best, strict=True)
+        ]
