@@ -183,7 +183,8 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(
 
     # 3. Resumed to the end.
     r = run([*args, f"trainer.max_steps={STEPS}", "ckpt_path=last"], run_dir, shared_cache)
-    assert f"resuming from {last}" in r.stdout + r.stderr
+    # The newest checkpoint of the run dir (last.ckpt, or a best-by-val file written after it).
+    assert f"ckpt_path=last: resuming from {last.parent}" in r.stdout + r.stderr
     got, _ = step_losses(run_dir)
     # Steps before killed_at come only from the killed attempts: their rows were kept. Only a SIGKILL
     # landing between a checkpoint and the log row of the step it closes (Lightning logs a step after
