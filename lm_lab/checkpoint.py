@@ -376,3 +376,29 @@ def _model_config(family: str, values: dict[str, Any]) -> Any:
     from lm_lab.models.bert import BertConfig
 
     return BertConfig.from_dict(values)
+
+
+def load_task_of_family(path: str | Path, family: str, hint: str) -> Any:
+    """``load_checkpoint`` that refuses a checkpoint of another model family (``hint``: what to use)."""
+    task = load_checkpoint(path)
+    if task.family != family:
+        raise CheckpointError(f"{path} is a {task.family} checkpoint, not {family}: {hint}")
+    return task
+
+
+def read_export_dir(
+    path: Path, model_type: str, hint: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Tokenizer]:
+    """(HF config, weights, tokenizer) of a directory written by ``lm_lab.export``, checked for ``model_type``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg_file, weights, tok_file = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
+    for f in (cfg_file, weights, tok_file):
+        if not f.is_file():
+            raise CheckpointError(f"{path} is not an exported model directory (missing {f.name})")
+    hf = json.loads(cfg_file.read_text())
+    if hf.get("model_type") != model_type:
+        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model, not {model_type}: {hint}")
+    return hf, load_file(str(weights)), Tokenizer.from_file(str(tok_file))

@@ -10,7 +10,6 @@ gives the same predictions as the checkpoint it came from.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,37 +19,21 @@ import torch
 
 def load_source(source: str | Path) -> Any:
     """A ``MaskedLMTask`` (eval mode) from a ``.ckpt`` or an exported HF directory."""
-    from lm_lab.checkpoint import CheckpointError
+    from lm_lab.checkpoint import load_task_of_family
 
     path = Path(source)
     if path.is_dir():
         return _from_hf_dir(path)
-    from lm_lab.checkpoint import load_checkpoint
-
-    task = load_checkpoint(path)
-    if task.family != "bert":
-        raise CheckpointError(f"{path} is a {task.family} checkpoint, not BERT: use python -m lm_lab.generate for GPT")
-    return task
+    return load_task_of_family(path, "bert", "use python -m lm_lab.generate for GPT")
 
 
 def _from_hf_dir(path: Path) -> Any:
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
-
-    from lm_lab.checkpoint import CheckpointError
+    from lm_lab.checkpoint import read_export_dir
     from lm_lab.models.bert import BertConfig, load_hf_state_dict
     from lm_lab.models.layers import HF_ACTIVATION_NAMES
     from lm_lab.tasks.masked_lm import MaskedLMTask
 
-    cfg_file, weights, tok_file = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
-    for f in (cfg_file, weights, tok_file):
-        if not f.is_file():
-            raise CheckpointError(f"{path} is not an exported model directory (missing {f.name})")
-    hf = json.loads(cfg_file.read_text())
-    if hf.get("model_type") != "bert":
-        raise CheckpointError(
-            f"{path} holds a {hf.get('model_type')!r} model, not BERT: use python -m lm_lab.generate for GPT"
-        )
+    hf, weights, tokenizer = read_export_dir(path, "bert", "use python -m lm_lab.generate for GPT")
     act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("hidden_act", "gelu"), "gelu")
     cfg = BertConfig(
         vocab_size=hf["vocab_size"],
@@ -66,8 +49,8 @@ def _from_hf_dir(path: Path) -> Any:
         dropout=0.0,
         attn_dropout=0.0,
     )
-    task = MaskedLMTask(cfg, tokenizer=Tokenizer.from_file(str(tok_file)))
-    load_hf_state_dict(task.net, load_file(str(weights)))
+    task = MaskedLMTask(cfg, tokenizer=tokenizer)
+    load_hf_state_dict(task.net, weights)
     return task.eval()
 
 

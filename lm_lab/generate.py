@@ -10,7 +10,6 @@ export (the exported weights are loaded back into lm_lab's own model).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,35 +19,21 @@ import torch
 
 def load_source(source: str | Path) -> Any:
     """A ``CausalLMTask`` from a ``.ckpt`` or an exported HF directory."""
+    from lm_lab.checkpoint import load_task_of_family
+
     path = Path(source)
     if path.is_dir():
         return _from_hf_dir(path)
-    from lm_lab.checkpoint import load_checkpoint
-
-    task = load_checkpoint(path)
-    if task.family != "gpt":
-        from lm_lab.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{path} is a {task.family} checkpoint: use python -m lm_lab.fill_mask for BERT")
-    return task
+    return load_task_of_family(path, "gpt", "use python -m lm_lab.fill_mask for BERT")
 
 
 def _from_hf_dir(path: Path) -> Any:
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
-
-    from lm_lab.checkpoint import CheckpointError
+    from lm_lab.checkpoint import read_export_dir
     from lm_lab.models.gpt import GPTConfig, load_hf_state_dict
     from lm_lab.models.layers import HF_ACTIVATION_NAMES
     from lm_lab.tasks.causal_lm import CausalLMTask
 
-    cfg_file, weights, tok_file = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
-    for f in (cfg_file, weights, tok_file):
-        if not f.is_file():
-            raise CheckpointError(f"{path} is not an exported model directory (missing {f.name})")
-    hf = json.loads(cfg_file.read_text())
-    if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; lm_lab.generate reads GPT-2 layouts")
+    hf, weights, tokenizer = read_export_dir(path, "gpt2", "lm_lab.generate reads GPT-2 layouts")
     act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("activation_function", "gelu_new"), "gelu_tanh")
     cfg = GPTConfig(
         vocab_size=hf["vocab_size"],
@@ -61,8 +46,8 @@ def _from_hf_dir(path: Path) -> Any:
         activation=act,
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
-    task = CausalLMTask(cfg, tokenizer=Tokenizer.from_file(str(tok_file)))
-    load_hf_state_dict(task.net, load_file(str(weights)))
+    task = CausalLMTask(cfg, tokenizer=tokenizer)
+    load_hf_state_dict(task.net, weights)
     return task.eval()
 
 
