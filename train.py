@@ -96,10 +96,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     micro, accum = data_cfg.micro_batch(trainer.world_size)
     trainer.accumulate_grad_batches = accum
+    if isinstance(trainer.val_check_interval, int) and accum > 1:
+        # trainer.val_check_interval counts optimizer steps, as max_steps does (Lightning counts
+        # micro-batches): validation then falls on step boundaries on any number of devices.
+        trainer.val_check_interval *= accum
 
     # 3. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
     dm = datamodule_for(model_cfg.family)(data_cfg, seed=cfg.seed)
-    dm.configure_batching(micro)
+    dm.configure_batching(micro, accum)
     if ckpt_path is not None:
         dm._tokenizer = tokenizer_from_checkpoint(ckpt_path)
     elif init_from:

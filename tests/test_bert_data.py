@@ -425,6 +425,7 @@ def test_specials_and_padding_never_masked_and_dynamic_padding() -> None:
         "attention_mask",
         "labels",
         "next_sentence_label",
+        "index",
     }
     assert all(t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"].shape == (8, longest)

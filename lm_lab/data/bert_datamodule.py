@@ -202,13 +202,13 @@ class MaskedLMDataModule(TextDataModule):
             self.prepare_data()
         self.train_set = PairDataset(datasets.load_from_disk(str(entry / "train")))
         self.val_set = PairDataset(datasets.load_from_disk(str(entry / "validation")))
-        for name, ds in (("training", self.train_set), ("validation", self.val_set)):
-            if len(ds) < self.micro_batch_size:
-                fix = "raise data.val_fraction or lower" if name == "validation" else "use a longer corpus or lower"
-                raise DataError(
-                    f"the {name} split has {len(ds)} sentence-pair instances, fewer than one batch of "
-                    f"{self.micro_batch_size}: {fix} data.batch_size"
-                )
+        if len(self.train_set) < self.global_batch_size():
+            raise DataError(
+                f"the training split has {len(self.train_set)} sentence-pair instances, fewer than one batch of "
+                f"{self.global_batch_size()}: use a longer corpus or lower data.batch_size"
+            )
+        if len(self.val_set) == 0:
+            raise DataError("the validation split has no sentence-pair instances: raise data.val_fraction")
         self.train_collate = EpochMaskedCollate(self._collator(seed=self.seed))
         self.val_collate = EpochMaskedCollate(self._collator(seed=VAL_SEED))
         self.log_sample()
@@ -253,21 +253,12 @@ class MaskedLMDataModule(TextDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
         sampler = EpochTaggedSampler(self._make_train_sampler(len(self.train_set)))
-        return self._loader(self.train_set, sampler=sampler, collate_fn=self.train_collate)
+        return self._loader(self.train_set, sampler=sampler, collate_fn=self.train_collate, step_group=self.accumulate)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
-        rank, world = self._rank_world()
         # Fixed seeded order (a spread-out sample under limit_val_batches) and fixed masks (epoch 0).
-        sampler = ResumableSampler(len(self.val_set), shuffle=True, seed=VAL_SEED, rank=rank, world_size=world)
-        sampler.set_epoch = lambda epoch: None  # type: ignore[method-assign]
-        loader = self._loader(self.val_set, sampler=sampler, collate_fn=self.val_collate)
-        if len(loader) == 0:
-            raise DataError(
-                f"the validation split has {len(self.val_set)} instances, fewer than one batch of "
-                f"{self.micro_batch_size} per device: raise data.val_fraction or lower data.batch_size"
-            )
-        return loader
+        return self._eval_loader(self.val_set, seed=VAL_SEED, collate_fn=self.val_collate)
 
 
 # ---------------------------------------------------------------------- tokenizer helpers

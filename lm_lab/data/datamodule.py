@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lm_lab.data import cache
 from lm_lab.data.config import DataConfig
 from lm_lab.data.packing import PackedBlocks, token_dtype, tokenize_dataset, write_tokens
-from lm_lab.data.sampling import ResumableSampler
+from lm_lab.data.sampling import EvalPadding, EvalSampler, ResumableSampler
 from lm_lab.data.sources import Corpus, DataError, load_corpus
 from lm_lab.data.streaming import StreamingBlocks
 from lm_lab.data.tokenizer import TRAINED_KINDS, describe, eot_id, load_tokenizer, tokenizer_hash, train_tokenizer
@@ -35,6 +38,7 @@ class TextDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.seed = seed
         self.micro_batch_size = cfg.batch_size
+        self.accumulate = 1
         self._corpus: Corpus | None = None
         self._tokenizer: Tokenizer | None = None
         self._consumed = 0  # micro-batches of the current epoch already trained on
@@ -98,30 +102,61 @@ class TextDataModule(L.LightningDataModule):
         limit = self.cfg.tokenizer_train_docs or (10_000 if self.cfg.streaming else None)
         if self.cfg.streaming:
             train = train.take(limit)
+            if next(iter(train), None) is None:
+                raise DataError(
+                    f"data.streaming: the training stream is empty: the corpus has no more documents than "
+                    f"data.streaming_val_docs={self.cfg.streaming_val_docs}, which go to validation (a .txt file "
+                    "read by document is one document): use data.sample_by=paragraph or line, a smaller "
+                    "data.streaming_val_docs, or data.streaming=false"
+                )
             return (row["text"] for row in train)
         if limit is not None and limit < len(train):
             train = train.select(range(limit))
         return (t for batch in train.iter(batch_size=1000) for t in batch["text"])
 
     # ------------------------------------------------------------------ batching
-    def configure_batching(self, micro_batch_size: int) -> None:
+    def configure_batching(self, micro_batch_size: int, accumulate: int = 1) -> None:
+        """Per-device micro-batch size and micro-batches per optimizer step (``DataConfig.micro_batch``)."""
         self.micro_batch_size = micro_batch_size
+        self.accumulate = accumulate
+
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all ranks (``data.batch_size``)."""
+        return self.micro_batch_size * self.accumulate * self._rank_world()[1]
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+        """(global rank, world size) from the Trainer this DataModule is attached to.
+
+        Outside a Trainer (a DataModule used on its own) it is (0, 1) -- but never silently in a
+        distributed job: there every process would believe it is rank 0 and draw the same shard.
+        """
+        trainer = self.trainer  # set by Lightning (trainer.fit(..., datamodule=dm))
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if _distributed_world() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} is used in a distributed job without a Trainer, so it cannot tell "
+                "its rank: attach it with trainer.fit(model, datamodule=dm)"
+            )
+        return 0, 1
 
     def _loader(
-        self, dataset: Any, sampler: Any = None, collate_fn: Any = None, num_workers: int | None = None
+        self,
+        dataset: Any,
+        sampler: Any = None,
+        collate_fn: Any = None,
+        num_workers: int | None = None,
+        drop_last: bool = True,
+        step_group: int = 1,
+        batch_size: int | None = None,
     ) -> DataLoader:
         workers = self.cfg.num_workers if num_workers is None else num_workers
         return ResumableLoader(
+            step_group,
             dataset,
-            batch_size=self.micro_batch_size,
+            batch_size=batch_size or self.micro_batch_size,
             sampler=sampler,
-            drop_last=True,
+            drop_last=drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -148,14 +183,17 @@ class TextDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The data position (saved by Lightning in every checkpoint) and the settings that decide it."""
         consumed = self._consumed * self.micro_batch_size  # samples of this epoch, per rank
+        _, world = self._rank_world()
         state: dict[str, Any] = {
             "epoch": self._consumed_epoch,
             "consumed": consumed,
+            "world_size": world,
             "seed": self.seed,
             "data": dataclasses.asdict(self.cfg),
         }
         if self.train_sampler is not None:
-            state["sampler"] = self.train_sampler.state_dict(consumed)
+            # All ranks draw in step, so this is the position of the whole job (see ResumableSampler).
+            state["sampler"] = self.train_sampler.state_dict(consumed * world)
         train_set = getattr(self, "train_set", None)
         if isinstance(train_set, StreamingBlocks):
             state["stream"] = self._gather(train_set.state_dict(consumed))
@@ -164,6 +202,23 @@ class TextDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Applied when the train loader is built (after this hook, before the first batch).
         self._resume_state = state
+
+    def _eval_loader(self, dataset: Any, *, seed: int, collate_fn: Any = None) -> DataLoader:
+        """Every sample of ``dataset`` scored once over all ranks (``EvalSampler``), last batch kept."""
+        rank, world = self._rank_world()
+        if len(dataset) == 0:
+            raise DataError("the validation split is empty: raise data.val_fraction or use a longer corpus")
+        padded = EvalPadding(dataset, collate_fn)
+        sampler = EvalSampler(len(dataset), seed=seed, rank=rank, world_size=world)
+        # Batches of data.batch_size / world (no gradients to hold, so no accumulation): a
+        # trainer.limit_val_batches then covers the same samples on any number of devices.
+        return self._loader(
+            padded,
+            sampler=sampler,
+            collate_fn=padded.collate,
+            drop_last=False,
+            batch_size=self.micro_batch_size * self.accumulate,
+        )
 
     def _gather(self, local: Any) -> list[Any]:
         """Every rank's ``local`` on every rank (rank 0 writes the checkpoint)."""
@@ -178,8 +233,20 @@ class TextDataModule(L.LightningDataModule):
 
     def _make_train_sampler(self, n: int, with_replacement: int | None = None) -> ResumableSampler:
         rank, world = self._rank_world()
+        step_samples = self.global_batch_size()
+        if (with_replacement or n) < step_samples:
+            raise DataError(
+                f"the training split has {n} samples, fewer than one batch of {step_samples} "
+                "(data.batch_size): use a longer corpus or a smaller data.batch_size"
+            )
         sampler = ResumableSampler(
-            n, shuffle=True, seed=self.seed, rank=rank, world_size=world, with_replacement=with_replacement
+            n,
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            with_replacement=with_replacement,
+            step_samples=step_samples,
         )
         state = getattr(self, "_resume_state", None) or {}
         resume = state.get("sampler")
@@ -189,8 +256,16 @@ class TextDataModule(L.LightningDataModule):
                     f"the training split has {n} samples but the checkpoint's run had {resume.get('n')}: "
                     "resume with the same data and data.* settings (or start a new run with init_from=)"
                 )
+            saved_world = int(resume.get("world_size", state.get("world_size", world)))
+            if saved_world != world:
+                log.info(
+                    "resuming on %d processes a run saved on %d: continuing from the same global data position",
+                    world,
+                    saved_world,
+                )
+            # The position is global (all ranks together), so any world size continues from it.
             sampler.load_state_dict(resume)
-            self._consumed = sampler.skip // self.micro_batch_size
+            self._consumed = sampler.skip // (self.micro_batch_size * world)
             self._consumed_epoch = sampler.epoch
             self._resume_state = None
         self.train_sampler = sampler
@@ -216,13 +291,41 @@ class TextDataModule(L.LightningDataModule):
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning treats as resumable mid-epoch (it has ``state_dict`` and
     ``load_state_dict``). The position itself is saved and restored by the DataModule
-    (``TextDataModule.state_dict``), which knows how far training got, not how far prefetching got."""
+    (``TextDataModule.state_dict``), which knows how far training got, not how far prefetching got.
+
+    With ``step_group`` > 1 (training with gradient accumulation) it reads the micro-batches of
+    one optimizer step ahead and gives each the number of targets (labels other than -100) of the
+    whole step on this rank, ``step_targets``: the task normalizes token losses by the step's
+    total over all ranks, so every target token weighs the same (``PretrainTask.token_mean``).
+    """
+
+    def __init__(self, step_group: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_group = step_group
+
+    def __iter__(self) -> Any:
+        return with_step_targets(super().__iter__(), self.step_group)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def with_step_targets(batches: Iterator[dict[str, Any]], group: int) -> Iterator[dict[str, Any]]:
+    """Yield ``batches`` in groups of ``group`` (the last may be shorter), each batch carrying
+    ``step_targets``: the number of its group's labels that are not -100."""
+    while True:
+        chunk = list(itertools.islice(batches, group))
+        if not chunk:
+            return
+        n = torch.zeros((), dtype=torch.long)
+        for batch in chunk:
+            n = n + (batch["labels"] != -100).sum()
+        for batch in chunk:
+            batch["step_targets"] = n
+            yield batch
 
 
 class CausalLMDataModule(TextDataModule):
@@ -274,6 +377,7 @@ class CausalLMDataModule(TextDataModule):
             rank, world = self._rank_world()
             self.train_set = StreamingBlocks(self.corpus.train, self.tokenizer, bs, rank=rank, world_size=world)
             self.val_set = materialize_blocks(self.corpus.validation, self.tokenizer, bs)
+            self._check_stream(self.train_set, rank, world)
         else:
             entry = self.token_cache()
             if cache.load_entry(entry) is None:
@@ -286,12 +390,35 @@ class CausalLMDataModule(TextDataModule):
                     f"the {name} split has {ds.n_tokens} tokens, too short for one block of "
                     f"data.block_size={bs}: use a longer corpus or a smaller data.block_size"
                 )
-        if not isinstance(self.train_set, IterableDataset) and len(self.train_set) < self.micro_batch_size:
+        batch = self.global_batch_size()
+        if not isinstance(self.train_set, IterableDataset) and len(self.train_set) < batch:
             raise DataError(
                 f"the training split has {len(self.train_set)} blocks of {bs} tokens, fewer than one "
-                f"batch of {self.micro_batch_size}: use a longer corpus or smaller data.batch_size/block_size"
+                f"batch of {batch}: use a longer corpus or smaller data.batch_size/block_size"
             )
         self.log_sample()
+
+    def _check_stream(self, stream: StreamingBlocks, rank: int, world: int) -> None:
+        """Refuse, before training, a stream in which some rank has not one batch: Lightning would
+        otherwise loop over empty epochs forever (and no step boundary would ever see SIGTERM)."""
+        short = torch.tensor(float(not stream.has_blocks(self.micro_batch_size)))
+        trainer = self.trainer
+        if world > 1 and trainer is not None:
+            short = trainer.strategy.reduce(short.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        if float(short) > 0:
+            c = self.cfg
+            where = "the training stream" if world == 1 else f"the training stream of at least one of the {world} ranks"
+            raise DataError(
+                f"data.streaming: {where} holds less than one batch ({self.micro_batch_size} blocks of "
+                f"{c.block_size} tokens) after the first data.streaming_val_docs={c.streaming_val_docs} documents "
+                "went to validation (a .txt file read by document is one document): use data.sample_by=paragraph "
+                "or line, a smaller data.streaming_val_docs, more data, or data.streaming=false"
+            )
+        if world > 1 and trainer is not None and (trainer.max_steps is None or trainer.max_steps < 0):
+            raise DataError(
+                "data.streaming on several processes needs trainer.max_steps: each rank reads its own shard, and "
+                "shards end at different steps, so an epoch count cannot end all ranks together"
+            )
 
     def log_sample(self) -> None:
         if isinstance(self.train_set, PackedBlocks):
@@ -306,25 +433,25 @@ class CausalLMDataModule(TextDataModule):
                     "data.streaming: the training stream is read in the main process (num_workers=0) so that "
                     "it can resume mid-pass"
                 )
-            return self._loader(self.train_set, num_workers=0)
+            return self._loader(self.train_set, num_workers=0, step_group=self.accumulate)
         ds = self.train_set
         if isinstance(ds, PackedBlocks) and ds.windows:
-            return self._loader(ds, sampler=self._make_train_sampler(ds.n_windows, with_replacement=len(ds)))
-        return self._loader(ds, sampler=self._make_train_sampler(len(ds)))
+            sampler = self._make_train_sampler(ds.n_windows, with_replacement=len(ds))
+        else:
+            sampler = self._make_train_sampler(len(ds))
+        return self._loader(ds, sampler=sampler, step_group=self.accumulate)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        # A fixed seeded order, so a limited number of validation batches (limit_val_batches)
-        # is a spread-out sample of the split, and the same sample at every evaluation.
-        sampler = ResumableSampler(len(self.val_set), shuffle=True, seed=1234, rank=rank, world_size=world)
-        sampler.set_epoch = lambda epoch: None  # type: ignore[method-assign]
-        loader = self._loader(self.val_set, sampler=sampler)
-        if len(loader) == 0:
-            raise DataError(
-                f"the validation split has {len(self.val_set)} blocks, fewer than one batch of "
-                f"{self.micro_batch_size}: raise data.val_fraction or lower data.batch_size"
-            )
-        return loader
+        return self._eval_loader(self.val_set, seed=1234)
+
+
+def _distributed_world() -> int:
+    """The world size of a running (or about to start) torch.distributed job, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def datamodule_for(family: str) -> type[TextDataModule]:

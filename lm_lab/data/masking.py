@@ -210,6 +210,8 @@ class MLMCollator:
             "token_type_ids": torch.from_numpy(token_type_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
+            # Dataset positions, for records of what was trained on (debug=data_trace).
+            "index": torch.tensor([int(ex["index"]) for ex in examples], dtype=torch.long),
         }
         # Only when every example has a sentence-level label (nsp/sop); the
         # `none` objective has none, and a partial label column would be a bug.

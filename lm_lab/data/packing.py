@@ -74,7 +74,8 @@ def write_tokens(ds: Any, path: Path, dtype: np.dtype) -> int:
 class PackedBlocks(Dataset):
     """Fixed blocks of ``block_size + 1`` tokens from a flat token file (memory-mapped).
 
-    ``__getitem__`` returns ``{"input_ids": (T,), "labels": (T,)}`` with labels shifted by one.
+    ``__getitem__`` returns ``{"input_ids": (T,), "labels": (T,), "index": i}`` with labels shifted
+    by one (``index`` lets a run record which samples it trained on: ``debug=data_trace``).
     With ``windows=True`` the index is a token offset instead (any of ``n_windows`` starts), for
     nanoGPT's sampling of random windows.
     """
@@ -103,7 +104,7 @@ class PackedBlocks(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start = i if self.windows else i * self.block_size
         chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
-        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+        return {"input_ids": chunk[:-1], "labels": chunk[1:], "index": i}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokens": None}

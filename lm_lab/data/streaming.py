@@ -50,6 +50,19 @@ class StreamingBlocks(IterableDataset):
         # (blocks yielded before, source state or None for "from the start", carried tokens), oldest first
         self._anchors: deque[tuple[int, Any, list[int]]] = deque()
 
+    def has_blocks(self, n: int) -> bool:
+        """Whether this rank's stream holds at least ``n`` blocks (reads only as far as it needs)."""
+        tok = Tokenizer.from_str(self.tok_json)
+        eot = eot_id(tok)
+        need = n * self.block_size + 1
+        self.source.load_state_dict(None)  # from the start, whatever was loaded before
+        have = 0
+        for row in self.source:
+            have += len(tok.encode(row["text"] or "", add_special_tokens=False).ids) + (eot is not None)
+            if have >= need:
+                return True
+        return False
+
     # ------------------------------------------------------------------ resume
     def state_dict(self, consumed: int) -> dict[str, Any]:
         state: dict[str, Any] = {"blocks": consumed}

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from lm_lab.config import OptimizerConfig, SchedulerConfig
 from lm_lab.models.gpt import GPT, GPTConfig
-from lm_lab.tasks.base import PretrainTask
+from lm_lab.tasks.base import PretrainTask, StepOutput
 
 
 class CausalLMTask(PretrainTask):
@@ -33,10 +33,14 @@ class CausalLMTask(PretrainTask):
         """Token ids (B, T) -> logits (B, T, V)."""
         return self.net(idx)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> StepOutput:
         logits = self.net(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
-        return {"loss": loss}
+        labels = batch["labels"].flatten()
+        n = (labels != -100).sum()
+        # Sum / max(n, 1): a micro-batch without targets (an evaluation padding slot) gives 0, not NaN.
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=-100, reduction="sum")
+        mean = total / n.clamp(min=1)
+        return StepOutput(self.token_mean(total, n, batch), {"loss": (mean, n)})
 
     @torch.no_grad()
     def generate(

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from lm_lab.config import ConfigError, OptimizerConfig, SchedulerConfig
 from lm_lab.data.masking import IGNORE_INDEX
 from lm_lab.models.bert import BertConfig, BertModel, BertOutput
-from lm_lab.tasks.base import PretrainTask
+from lm_lab.tasks.base import PretrainTask, StepOutput
 
 
 class MaskedLMTask(PretrainTask):
@@ -19,7 +19,7 @@ class MaskedLMTask(PretrainTask):
     both nsp and sop (same head, same labels: 1 = random/swapped B)."""
 
     family = "bert"
-    ppl_source = "val/mlm_loss"  # val/ppl = exp(masked-token cross-entropy)
+    ppl_source = "mlm_loss"  # val/ppl = exp(masked-token cross-entropy)
 
     def __init__(
         self,
@@ -47,31 +47,46 @@ class MaskedLMTask(PretrainTask):
         """Token ids (B, T) -> ``BertOutput``: mlm_logits (B, T, V), nsp_logits (B, 2), hidden_states."""
         return self.net(input_ids, token_type_ids, attention_mask)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> StepOutput:
         labels = batch["labels"]
         positions = labels != IGNORE_INDEX  # (B, T): the ~15% of tokens the MLM head must predict
         out = self.net(
             batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"), mlm_positions=positions
         )
         targets = labels[positions]  # (N,), aligned with out.mlm_logits (N, V)
+        n_mlm = positions.sum()
         # Sum / max(N, 1) rather than mean: a batch without masked tokens gives 0, not NaN.
-        mlm_loss = F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
-        metrics = {"mlm_loss": mlm_loss}
-        loss = mlm_loss
+        mlm_total = F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum")
+        mlm_loss = mlm_total / n_mlm.clamp(min=1)
+        metrics = {"mlm_loss": (mlm_loss, n_mlm)}
+        # Masked tokens weigh the same across the whole optimizer step (their count varies per
+        # micro-batch); sentence pairs already do (every micro-batch holds the same number).
+        loss = self.token_mean(mlm_total, n_mlm, batch)
         nsp_labels = batch.get("next_sentence_label")
         if nsp_labels is not None:
-            nsp_loss = F.cross_entropy(out.nsp_logits.float(), nsp_labels)
+            scored = nsp_labels != IGNORE_INDEX  # evaluation padding slots have no label
+            n_nsp = scored.sum()
+            nsp_loss = F.cross_entropy(
+                out.nsp_logits.float(), nsp_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            ) / n_nsp.clamp(min=1)
             loss = loss + nsp_loss
-            metrics["nsp_loss"] = nsp_loss
+            metrics["nsp_loss"] = (nsp_loss, n_nsp)
         if stage == "val":
-            metrics["mlm_acc"] = (out.mlm_logits.argmax(-1) == targets).float().mean()
+            hits = (out.mlm_logits.argmax(-1) == targets).sum()
+            metrics["mlm_acc"] = (hits / n_mlm.clamp(min=1), n_mlm)
             if nsp_labels is not None:
-                metrics["nsp_acc"] = (out.nsp_logits.argmax(-1) == nsp_labels).float().mean()
+                nsp_hits = ((out.nsp_logits.argmax(-1) == nsp_labels) & scored).sum()
+                metrics["nsp_acc"] = (nsp_hits / n_nsp.clamp(min=1), n_nsp)
         elif stage == "train":
             mask = batch.get("attention_mask")
             real = int(mask.sum()) if mask is not None else labels.numel()
             self.flops_per_token = self.estimate_flops_per_token(labels.size(1), targets.numel() / max(real, 1))
-        return {"loss": loss, **metrics}
+        return StepOutput(loss, metrics)
+
+    def combine(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss`` = masked-token mean MLM loss + pair mean NSP loss, each aggregated on its own."""
+        loss = means["mlm_loss"] + means["nsp_loss"] if "nsp_loss" in means else means["mlm_loss"]
+        return {"loss": loss, **means}
 
     def estimate_flops_per_token(self, seq_len: int, mlm_fraction: float) -> float:
         """Training FLOPs (forward + backward = 3 x 2 x multiply-adds) per real token: the encoder's
