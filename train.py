@@ -119,7 +119,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
 
     # 4. The recipe.
-    task = task_for(model_cfg.family)(model_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer)
+    task_cls = task_for(model_cfg.family)
+    task = task_cls(
+        model_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer, **task_cls.task_options(data_cfg)
+    )
     if init_from:
         init_weights_from(task, init_from)
     if cfg.get("compile"):

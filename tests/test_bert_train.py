@@ -78,6 +78,40 @@ def test_train_logs_mlm_and_nsp_metrics(trained: dict) -> None:
     assert trained["ckpt"].is_file() and (trained["run_dir"] / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_validation_metrics_weigh_every_masked_token_and_pair_once(trained: dict) -> None:
+    """val/* are sums over the validated batches divided once (per masked token, per pair), not
+    means of per-batch means: recomputed here independently from the final weights."""
+    import torch.nn.functional as F
+
+    task, dm = trained["task"], trained["datamodule"]
+    task.eval()
+    loss_sum, hits, n_tok, nsp_sum, nsp_hits, n_pairs, batch_means = 0.0, 0, 0, 0.0, 0, 0, []
+    with torch.no_grad():
+        for i, batch in enumerate(dm.val_dataloader()):
+            if i == 2:  # trainer.limit_val_batches=2
+                break
+            out = task.net(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            pos = batch["labels"] != -100
+            logits, targets = out.mlm_logits[pos], batch["labels"][pos]
+            ce = F.cross_entropy(logits, targets, reduction="sum").item()
+            loss_sum, n_tok, hits = (
+                loss_sum + ce,
+                n_tok + len(targets),
+                hits + (logits.argmax(-1) == targets).sum().item(),
+            )
+            batch_means.append(ce / len(targets))
+            nsp = batch["next_sentence_label"]
+            nsp_sum += F.cross_entropy(out.nsp_logits, nsp, reduction="sum").item()
+            nsp_hits, n_pairs = nsp_hits + (out.nsp_logits.argmax(-1) == nsp).sum().item(), n_pairs + len(nsp)
+    m = trained["metrics"]
+    assert m["val/mlm_loss"] == pytest.approx(loss_sum / n_tok, rel=1e-5)
+    assert m["val/mlm_acc"] == pytest.approx(hits / n_tok, rel=1e-5)
+    assert m["val/nsp_loss"] == pytest.approx(nsp_sum / n_pairs, rel=1e-5)
+    assert m["val/nsp_acc"] == pytest.approx(nsp_hits / n_pairs, rel=1e-5)
+    # The per-batch average differs here (batches hold different numbers of masked tokens).
+    assert abs(sum(batch_means) / len(batch_means) - loss_sum / n_tok) > 1e-5
+
+
 def test_autotokenizer_encodes_pairs_like_the_pipeline(trained: dict) -> None:
     dm: MaskedLMDataModule = trained["datamodule"]
     tok = AutoTokenizer.from_pretrained(str(trained["run_dir"] / "tokenizer"))

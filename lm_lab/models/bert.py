@@ -93,7 +93,7 @@ class BertOutput(typing.NamedTuple):
     """``mlm_logits`` is (B, T, V), or (N_masked, V) when ``mlm_positions`` was given."""
 
     mlm_logits: torch.Tensor
-    nsp_logits: torch.Tensor  # (B, 2)
+    nsp_logits: torch.Tensor | None  # (B, 2); None when not asked for (``pair_logits=False``)
     hidden_states: torch.Tensor  # (B, T, C), output of the last encoder layer
 
 
@@ -279,11 +279,13 @@ class BertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
+        pair_logits: bool = True,
     ) -> BertOutput:
         """input_ids (B, T); token_type_ids (B, T), default all 0; attention_mask (B, T) with 1
         for real tokens and 0 for padding, default all 1; mlm_positions: boolean (B, T) where
         the MLM logits are wanted (they come back flattened, (N_masked, V), in row-major order,
-        i.e. aligned with ``labels[mlm_positions]``)."""
+        i.e. aligned with ``labels[mlm_positions]``); ``pair_logits=False`` skips the pooler and
+        the NSP head (training without a sentence-pair objective)."""
         b, t = input_ids.shape
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -295,7 +297,6 @@ class BertModel(nn.Module):
 
         x = self.bert.embeddings(input_ids, token_type_ids)  # (B, T, C)
         h = self.bert.encoder(x, mask)  # (B, T, C)
-        pooled = self.bert.pooler(h)  # (B, C)
 
         if mlm_positions is not None:
             if mlm_positions.dtype != torch.bool or mlm_positions.shape != (b, t):
@@ -308,7 +309,7 @@ class BertModel(nn.Module):
             mlm_logits = self.cls.predictions(h[mlm_positions])  # (N_masked, V)
         else:
             mlm_logits = self.cls.predictions(h)  # (B, T, V)
-        nsp_logits = self.cls.seq_relationship(pooled)  # (B, 2)
+        nsp_logits = self.cls.seq_relationship(self.bert.pooler(h)) if pair_logits else None  # (B, 2)
         return BertOutput(mlm_logits=mlm_logits, nsp_logits=nsp_logits, hidden_states=h)
 
 

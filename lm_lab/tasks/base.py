@@ -107,6 +107,11 @@ class PretrainTask(L.LightningModule):
         self._train_means = WeightedMeans()  # this optimizer step's micro-batches so far
         self._val_means = WeightedMeans()
 
+    @classmethod
+    def task_options(cls, data_cfg: Any) -> dict[str, Any]:
+        """Constructor options this objective takes from the data config (e.g. BERT's pair objective)."""
+        return {}
+
     # ------------------------------------------------------------------ tokenizer
     @property
     def tokenizer(self) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -27,8 +29,10 @@ class MaskedLMTask(PretrainTask):
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         tokenizer: Tokenizer | None = None,
+        pair_objective: str = "nsp",
     ) -> None:
         super().__init__(model_cfg, optimizer, scheduler, tokenizer)
+        self.pair_objective = pair_objective
         pad = tokenizer.token_to_id("[PAD]") if tokenizer is not None else None
         if pad is not None and pad != model_cfg.pad_token_id:
             raise ConfigError(
@@ -36,7 +40,17 @@ class MaskedLMTask(PretrainTask):
                 f"set model.pad_token_id={pad}"
             )
         self.net = BertModel(model_cfg)
+        if pair_objective == "none":
+            # No sentence-pair loss: the pooler and NSP head are never called and not trained (kept
+            # only so that the weights keep BertForPreTraining's layout). DDP refuses parameters
+            # that feed no loss, so they must not require gradients.
+            for p in (*self.net.bert.pooler.parameters(), *self.net.cls.seq_relationship.parameters()):
+                p.requires_grad_(False)
         self.flops_per_token: float | None = None  # of the last training batch; read by the Throughput callback
+
+    @classmethod
+    def task_options(cls, data_cfg: Any) -> dict[str, Any]:
+        return {"pair_objective": data_cfg.pair_objective}
 
     def forward(
         self,
@@ -50,8 +64,13 @@ class MaskedLMTask(PretrainTask):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> StepOutput:
         labels = batch["labels"]
         positions = labels != IGNORE_INDEX  # (B, T): the ~15% of tokens the MLM head must predict
+        nsp_labels = batch.get("next_sentence_label")
         out = self.net(
-            batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"), mlm_positions=positions
+            batch["input_ids"],
+            batch.get("token_type_ids"),
+            batch.get("attention_mask"),
+            mlm_positions=positions,
+            pair_logits=nsp_labels is not None,
         )
         targets = labels[positions]  # (N,), aligned with out.mlm_logits (N, V)
         n_mlm = positions.sum()
@@ -62,7 +81,6 @@ class MaskedLMTask(PretrainTask):
         # Masked tokens weigh the same across the whole optimizer step (their count varies per
         # micro-batch); sentence pairs already do (every micro-batch holds the same number).
         loss = self.token_mean(mlm_total, n_mlm, batch)
-        nsp_labels = batch.get("next_sentence_label")
         if nsp_labels is not None:
             scored = nsp_labels != IGNORE_INDEX  # evaluation padding slots have no label
             n_nsp = scored.sum()
