@@ -243,3 +243,42 @@ def test_window_sampling_like_nanogpt(tmp_path: Path) -> None:
     item = dm.train_set[starts[0]]
     tokens = np.load(dm.token_cache() / "train.npy")
     assert item["input_ids"].tolist() == tokens[starts[0] : starts[0] + 64].tolist()
+
+
+WIKITEXT_ROWS = [
+    "",
+    " = Valkyria Chronicles III = \n",
+    "",
+    " Senjō no Valkyria 3 is a tactical role @-@ playing video game . It was released in 2011 .\n",
+    " The game began development in 2010 .\n",
+    "",
+    " = = Gameplay = = \n",
+    "",
+    " As with previous games , the player controls a squad .\n",
+    "",
+    " = Tower Building of the Little Rock Arsenal = \n",
+    "",
+    " The Tower Building is a building in Little Rock .\n",
+]
+
+
+@pytest.mark.parametrize(("sample_by", "docs"), [("document", 13), ("paragraph", 6), ("article", 2)])
+def test_rows_of_a_dataset_are_grouped_into_documents(tmp_path: Path, sample_by: str, docs: int) -> None:
+    """WikiText's Hub rows are lines: data.sample_by=article joins them from one top-level heading to
+    the next (sections stay inside), paragraph up to a blank row; document keeps the rows."""
+    path = tmp_path / "wikitext.jsonl"
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in WIKITEXT_ROWS))
+    files = {"train": str(path), "validation": str(path)}
+    corpus = load_corpus(DataConfig(path="json", data_files=files, sample_by=sample_by))
+    texts = corpus.train["text"]
+    assert len(texts) == docs
+    if sample_by == "article":
+        assert texts[0].startswith(" = Valkyria Chronicles III =") and "the player controls a squad" in texts[0]
+        assert "Gameplay" in texts[0] and texts[1].startswith(" = Tower Building")
+    if sample_by == "paragraph":
+        assert texts[1].count("\n") == 1  # two lines of one paragraph
+
+
+def test_wikitext_presets_read_articles(compose_cfg) -> None:
+    for preset in ("wikitext2", "wikitext103"):
+        assert compose_cfg(f"data={preset}").data.sample_by == "article"

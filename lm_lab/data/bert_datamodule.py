@@ -49,7 +49,7 @@ from lm_lab.data.tokenizer import TokenizerError, tokenizer_hash
 
 log = logging.getLogger("lm_lab")
 
-PAIRS_VERSION = 1  # bump when sentence splitting or pair construction changes
+PAIRS_VERSION = 2  # bump when sentence splitting or pair construction changes
 VAL_SEED = 1234
 REQUIRED_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
 

@@ -6,8 +6,9 @@ token ids instead of token strings, plus two variants:
 
 * ``nsp``  - Next Sentence Prediction (original BERT): B is the true continuation
   of A, or (50%) a span from a random other document.
-* ``sop``  - Sentence Order Prediction (ALBERT): B is always the true continuation;
-  50% of the time A and B are swapped.
+* ``sop``  - Sentence Order Prediction (ALBERT): B is the true continuation, and
+  50% of the time A and B are swapped; a one-sentence chunk gets a random B
+  (label 1), as in ALBERT's script.
 * ``none`` - MLM only (RoBERTa-like "DOC-SENTENCES"): one segment
   ``[CLS] tokens [SEP]`` packed with whole consecutive sentences of one document.
 
@@ -271,9 +272,11 @@ def create_instances(
 
     * ``nsp``: a one-sentence chunk (e.g. a one-sentence document) always gets a
       random B (label 1), exactly like the original.
-    * ``sop``: a one-sentence chunk is split at a random token boundary into A
-      and B (B never comes from another document, so SOP also works on a corpus
-      of one document); a one-token chunk cannot form a pair and is skipped.
+    * ``sop``: as in ALBERT's ``create_pretraining_data.py``, a one-sentence chunk
+      gets a random B from another document (label 1, "not in order"); in a corpus
+      of one document it is left out. A sentence is never cut in two: a mid-sentence
+      cut is a shortcut (an A that does not end in punctuation is the swapped one;
+      the audit measured 92% accuracy from that alone).
     """
     _check_args(max_num_tokens_total, objective, short_seq_prob)
     document = _clean(documents[doc_index])
@@ -282,13 +285,12 @@ def create_instances(
     if objective == "none":
         return _create_unpaired(document, max_num_tokens_total, cls_id, sep_id)
     pick_other = random_document
-    if objective == "nsp" and pick_other is None:
-        if len(documents) < 2:
-            raise ValueError(
-                "NSP needs at least two documents to draw a random B: "
-                "add documents or set data.pair_objective=sop or none"
-            )
+    if pick_other is None and len(documents) >= 2:
         pick_other = _default_random_document(documents)
+    if objective == "nsp" and pick_other is None:
+        raise ValueError(
+            "NSP needs at least two documents to draw a random B: add documents or set data.pair_objective=sop or none"
+        )
 
     # Account for [CLS], [SEP], [SEP].
     max_num_tokens = max_num_tokens_total - 3
@@ -315,40 +317,37 @@ def create_instances(
             tokens_a = [t for sentence in chunk[:a_end] for t in sentence]
             tokens_b: list[int] = []
 
-            if objective == "nsp":
-                if len(chunk) == 1 or rng.random() < 0.5:
-                    assert pick_other is not None  # set above for nsp
-                    label = 1
-                    target_b_length = target_seq_length - len(tokens_a)
-                    other = _clean(pick_other(rng, doc_index))
-                    if not other:
-                        raise ValueError(
-                            "random_document returned an empty document: "
-                            "it must return the sentences of a non-empty other document"
-                        )
-                    start = rng.randint(0, len(other) - 1)
-                    for sentence in other[start:]:
-                        tokens_b.extend(sentence)
-                        if len(tokens_b) >= target_b_length:
-                            break
-                    # The chunk's sentences after A were not used: "put them back"
-                    # so they start the next chunk instead of being wasted.
-                    i -= len(chunk) - a_end
-                else:
-                    label = 0
-                    tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
-            else:  # sop
-                if len(chunk) == 1:
-                    if len(tokens_a) < 2:
-                        chunk, chunk_len = [], 0
-                        i += 1
-                        continue  # a single token cannot be ordered
-                    cut = rng.randint(1, len(tokens_a) - 1)
-                    tokens_a, tokens_b = tokens_a[:cut], tokens_a[cut:]
-                else:
-                    tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
+            if len(chunk) == 1 and objective == "sop" and pick_other is None:
+                # One sentence in a one-document corpus: no order to predict without cutting the
+                # sentence, and a mid-sentence cut is a shortcut ("A ends without punctuation ->
+                # swapped"), so the chunk is left out.
+                chunk, chunk_len = [], 0
+                i += 1
+                continue
+            if len(chunk) == 1 or (objective == "nsp" and rng.random() < 0.5):
+                # A random B from another document (label 1): NSP's negative, and, as in ALBERT's
+                # create_pretraining_data.py, also SOP's handling of a one-sentence chunk.
+                assert pick_other is not None
+                label = 1
+                target_b_length = target_seq_length - len(tokens_a)
+                other = _clean(pick_other(rng, doc_index))
+                if not other:
+                    raise ValueError(
+                        "random_document returned an empty document: "
+                        "it must return the sentences of a non-empty other document"
+                    )
+                start = rng.randint(0, len(other) - 1)
+                for sentence in other[start:]:
+                    tokens_b.extend(sentence)
+                    if len(tokens_b) >= target_b_length:
+                        break
+                # The chunk's sentences after A were not used: "put them back"
+                # so they start the next chunk instead of being wasted.
+                i -= len(chunk) - a_end
+            else:
                 label = 0
-                if rng.random() < 0.5:
+                tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
+                if objective == "sop" and rng.random() < 0.5:
                     tokens_a, tokens_b = tokens_b, tokens_a
                     label = 1
 
@@ -380,9 +379,10 @@ def create_pairs(
     output stays in corpus order (pass-major) and the DataLoader sampler does
     the shuffling.
 
-    One-sentence documents are kept: with ``nsp`` they always pair with a random
-    B (label 1); with ``sop`` the sentence is split at a token boundary (see
-    :func:`create_instances`). NSP on a corpus of a single document is an error.
+    One-sentence documents are kept: they pair with a random B (label 1), under
+    ``nsp`` as in BERT and under ``sop`` as in ALBERT; in a one-document corpus
+    ``sop`` leaves one-sentence chunks out (see :func:`create_instances`). NSP on a
+    corpus of a single document is an error.
     """
     _check_args(max_num_tokens_total, objective, short_seq_prob)
     if dupe_factor < 1:

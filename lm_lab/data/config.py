@@ -28,7 +28,10 @@ class DataConfig(ConfigBase):
     split: str = "train"
     val_split: str | None = "validation"
     val_fraction: float = 0.1
-    sample_by: Literal["document", "paragraph", "line"] = "document"
+    # What one document is: a whole file / paragraph / line of a .txt file; for datasets of rows
+    # (JSON, Parquet, the Hub): document|line = a row, paragraph = rows up to a blank row,
+    # article = rows from one top-level " = Title = " heading to the next (WikiText).
+    sample_by: Literal["document", "paragraph", "line", "article"] = "document"
     streaming: bool = False
     streaming_val_docs: int = 200
     tokenizer: str = "auto"

@@ -19,6 +19,7 @@ import datasets
 
 from lm_lab.data import pydocs
 from lm_lab.data.config import DataConfig
+from lm_lab.data.grouping import GROUPINGS, group_rows
 from lm_lab.data.hub import hub_offline_message, hub_reachable
 
 BUILDERS = {
@@ -131,8 +132,17 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
     if not local and not hub_reachable():
         raise DataError(hub_offline_message(f"dataset {builder!r}", "data.path=text data.data_files=/path/to/*.txt"))
     kwargs: dict[str, Any] = {}
+    # Rows to be grouped into documents here (lm_lab.data.grouping), or split by datasets' text loader.
+    regroup = (
+        cfg.sample_by if cfg.sample_by in GROUPINGS and (builder != "text" or cfg.sample_by == "article") else None
+    )
+    if regroup and cfg.streaming:
+        raise DataError(
+            f"data.sample_by={cfg.sample_by} groups rows into documents, which needs the whole split: "
+            "use data.streaming=false, or data.sample_by=document"
+        )
     if builder == "text":
-        kwargs["sample_by"] = cfg.sample_by
+        kwargs["sample_by"] = "line" if regroup else cfg.sample_by
     try:
         loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, streaming=cfg.streaming, **kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
@@ -162,10 +172,15 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
     }
     if not files:
         fp_parts["hub_fingerprint"] = getattr(loaded[cfg.split], "_fingerprint", None)
+    rows_key = hashlib.sha256(json.dumps(fp_parts, sort_keys=True).encode()).hexdigest()[:16]
     train = _text_only(loaded[cfg.split], cfg)
+    if regroup:
+        train = group_rows(train, regroup, f"lm_lab-{rows_key}-{cfg.split}")
     desc = f"{builder}" + (f"/{cfg.name}" if cfg.name else "") + (f" ({len(files)} file(s))" if files else "")
     if cfg.val_split and cfg.val_split in splits:
         val = _text_only(loaded[cfg.val_split], cfg)
+        if regroup:
+            val = group_rows(val, regroup, f"lm_lab-{rows_key}-{cfg.val_split}")
         fp = hashlib.sha256(json.dumps({**fp_parts, "val": cfg.val_split}, sort_keys=True).encode()).hexdigest()[:16]
         return Corpus(train, val, fp, desc)
     fp = hashlib.sha256(json.dumps(fp_parts, sort_keys=True).encode()).hexdigest()[:16]
