@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, SHAKESPEARE
@@ -79,6 +81,22 @@ BAD = {
         ["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer=char", "model.vocab_size=10"],
         "the tokenizer has 67 tokens but model.vocab_size=10",
     ),
+    "numbers in a JSONL text column": (
+        ["data=files", "data.data_files={tmp}/numbers.jsonl"],
+        "column 'text' of {tmp}/numbers.jsonl holds int64 values, not text: set data.text_column",
+    ),
+    "numbers in a Parquet text column": (
+        ["data=files", "data.data_files={tmp}/numbers.parquet"],
+        "holds float64 values, not text: set data.text_column to a column of strings (text columns: ['body'])",
+    ),
+    "tokenizer.json not JSON": (
+        ["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer={tmp}/tok_not_json"],
+        "tok_not_json/tokenizer.json is not a tokenizers JSON file",
+    ),
+    "tokenizer.json not a tokenizer": (
+        ["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer={tmp}/tok_not_tokenizer"],
+        "tok_not_tokenizer/tokenizer.json is not a tokenizers JSON file",
+    ),
     "batch not divisible": (
         ["data.batch_size=16", "data.micro_batch_size=5"],
         "not a multiple of data.micro_batch_size=5",
@@ -92,8 +110,14 @@ def test_bad_input_one_line_error_nonzero_exit_no_output(case: str, tmp_path: Pa
     _write(tmp_path / "latin1.txt", "café crème brûlée\n".encode("latin-1") * 50)
     _write(tmp_path / "short.txt", b"too short\n")
     _write(tmp_path / "corrupt.ckpt", b"PK\x03\x04 this is not a checkpoint")
+    _write(tmp_path / "numbers.jsonl", b"".join(b'{"text": %d}\n' % i for i in range(50)))
+    pq.write_table(pa.table({"text": [0.5] * 50, "body": ["words"] * 50}), tmp_path / "numbers.parquet")
+    for name, content in (("tok_not_json", b'{"version": "1.0", "model": '), ("tok_not_tokenizer", b'{"a": 1}')):
+        (tmp_path / name).mkdir()
+        _write(tmp_path / name / "tokenizer.json", content)
     args, message = BAD[case]
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    message = message.replace("{tmp}", str(tmp_path))
     r = run_train(["model=gpt_tiny", "logger=csv", *args], tmp_path, shared_cache, HF_HUB_OFFLINE="1")
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

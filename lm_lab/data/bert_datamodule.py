@@ -77,6 +77,7 @@ class MaskedLMDataModule(TextDataModule):
         self.val_set: PairDataset | None = None
         self.train_collate: EpochMaskedCollate | None = None
         self.val_collate: EpochMaskedCollate | None = None
+        self._verified: Path | None = None  # the pairs entry this process checked or built
 
     # ------------------------------------------------------------------ checks (fail before heavy work)
     def _check_config(self) -> None:
@@ -146,7 +147,11 @@ class MaskedLMDataModule(TextDataModule):
                 f"{meta['train']['instances']:,}",
                 f"{meta['validation']['instances']:,}",
             )
+            self._verified = entry
             return
+        self._build_pairs(entry)
+
+    def _build_pairs(self, entry: Path) -> None:
         tok = self.tokenizer
         ids = special_ids(tok)
         c = self.cfg
@@ -175,6 +180,7 @@ class MaskedLMDataModule(TextDataModule):
                 shutil.rmtree(tmp / f"_sentences-{split}", ignore_errors=True)
                 shutil.rmtree(tmp / f"_gen-{split}", ignore_errors=True)
             meta.update(tokenizer=tokenizer_hash(tok), block_size=c.block_size, objective=c.pair_objective)
+        self._verified = entry
         for split in ("train", "validation"):
             s = meta[split]
             balance = f", {s['random_b']:.0%} with label 1 (random/swapped B)" if "random_b" in s else ""
@@ -198,8 +204,9 @@ class MaskedLMDataModule(TextDataModule):
         if self.train_set is not None:
             return
         entry = self.pairs_cache()
-        if cache.load_entry(entry) is None:
-            self.prepare_data()
+        # Checksums are read once per process: skipped when prepare_data just did it (rank 0).
+        if entry != self._verified and cache.load_entry(entry) is None:
+            self._build_pairs(entry)
         self.train_set = PairDataset(datasets.load_from_disk(str(entry / "train")))
         self.val_set = PairDataset(datasets.load_from_disk(str(entry / "validation")))
         if len(self.train_set) < self.global_batch_size():

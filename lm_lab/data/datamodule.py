@@ -87,7 +87,12 @@ class TextDataModule(L.LightningDataModule):
         )
         entry = self.cache_root / "tokenizers" / f"{kind}-{key}"
         if cache.load_entry(entry) is not None:
-            return Tokenizer.from_file(str(entry / "tokenizer.json"))
+            try:
+                return Tokenizer.from_file(str(entry / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception; a cache must not stop the run
+                cache.discard_entry(
+                    entry, f"tokenizer.json does not load ({str(e).splitlines()[0] if str(e) else e!r})"
+                )
         log.info("training a %s tokenizer (vocab %d) on the training split", kind, c.vocab_size)
         tok = train_tokenizer(
             kind, self._training_texts(), vocab_size=c.vocab_size, lowercase=c.lowercase, strip_accents=c.strip_accents
@@ -338,6 +343,7 @@ class CausalLMDataModule(TextDataModule):
         super().__init__(cfg, seed=seed)
         self.train_set: Any = None
         self.val_set: Any = None
+        self._verified: Path | None = None  # the token entry this process checked or built
 
     def token_cache(self) -> Path:
         tok = self.tokenizer
@@ -351,7 +357,11 @@ class CausalLMDataModule(TextDataModule):
         meta = cache.load_entry(entry)
         if meta is not None:
             log.info("tokenized corpus found in cache: %s (%s train tokens)", entry, f"{meta['train_tokens']:,}")
+            self._verified = entry
             return
+        self._build_tokens(entry)
+
+    def _build_tokens(self, entry: Path) -> None:
         tok = self.tokenizer
         dtype = token_dtype(tok.get_vocab_size())
         eot = eot_id(tok)
@@ -360,6 +370,7 @@ class CausalLMDataModule(TextDataModule):
                 tokenized = tokenize_dataset(ds, tok, eot=eot, num_proc=self.cfg.num_proc)
                 meta[f"{split}_tokens"] = write_tokens(tokenized, tmp / f"{split}.npy", dtype)
             meta.update(dtype=dtype.name, vocab_size=tok.get_vocab_size(), tokenizer=tokenizer_hash(tok))
+        self._verified = entry
         log.info(
             "tokenized corpus cached at %s: %s train / %s val tokens",
             entry,
@@ -380,8 +391,9 @@ class CausalLMDataModule(TextDataModule):
             self._check_stream(self.train_set, rank, world)
         else:
             entry = self.token_cache()
-            if cache.load_entry(entry) is None:
-                self.prepare_data()
+            # Checksums are read once per process: skipped when prepare_data just did it (rank 0).
+            if entry != self._verified and cache.load_entry(entry) is None:
+                self._build_tokens(entry)
             self.train_set = PackedBlocks(entry / "train.npy", bs, windows=self.cfg.sampling == "windows")
             self.val_set = PackedBlocks(entry / "val.npy", bs)
         for name, ds in (("training", self.train_set), ("validation", self.val_set)):

@@ -9,8 +9,6 @@ imported or executed). About 1-2 MB of text, split into one document per topic o
 from __future__ import annotations
 
 import ast
-import hashlib
-import sys
 import sysconfig
 import warnings
 from pathlib import Path
@@ -78,11 +76,3 @@ def build_documents() -> list[dict[str, str]]:
         if text:
             docs.append({"title": "module:" + ".".join(path.relative_to(root).with_suffix("").parts), "text": text})
     return docs
-
-
-def fingerprint() -> str:
-    """Identifies the corpus for caching: same interpreter version and file list, same text."""
-    h = hashlib.sha256(f"pydocs-v1:{sys.version}:{sysconfig.get_paths()['stdlib']}".encode())
-    for p in stdlib_files():
-        h.update(str(p.stat().st_size).encode())
-    return h.hexdigest()[:16]

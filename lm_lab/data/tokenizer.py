@@ -87,18 +87,24 @@ def load_tokenizer(source: str) -> Tokenizer:
     if path.is_dir():
         file = path / "tokenizer.json"
         if file.is_file():
-            return Tokenizer.from_file(str(file))
+            return _from_file(file)
         return _from_transformers(str(path))
     if path.is_file():
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise TokenizerError(
-                f"{path} is not a tokenizers JSON file ({e}): point data.tokenizer at an HF tokenizer"
-            ) from e
+        return _from_file(path)
     if source.startswith((".", "/", "~")) or source.endswith(".json"):
         raise TokenizerError(f"tokenizer {source} not found: check data.tokenizer (a directory holding tokenizer.json)")
     return _from_transformers(source)
+
+
+def _from_file(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON or a wrong layout
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(
+            f"{path} is not a tokenizers JSON file ({reason}): point data.tokenizer at a directory "
+            "holding a valid HF tokenizer.json (e.g. one saved by a run, <run>/tokenizer)"
+        ) from e
 
 
 def _from_transformers(source: str) -> Tokenizer:
