@@ -78,7 +78,8 @@ def test_every_checkpoint_loads_with_weights_only(trained: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain containers only
         assert isinstance(ckpt["lm_lab"]["micro_batches"], int)
         dm = ckpt["CausalLMDataModule"]
-        assert dm["sampler"]["consumed"] == dm["consumed"] == ckpt["global_step"] * 4
+        # The data position: global samples of this epoch (all ranks), and this rank's share.
+        assert dm["sampler"]["consumed_global"] == dm["consumed"] == ckpt["global_step"] * 4
         assert dm["data"]["batch_size"] == 4 and dm["seed"] == 1337
         assert ckpt["lm_lab"]["micro_batches"] == ckpt["global_step"]
     assert torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
