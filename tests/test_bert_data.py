@@ -618,3 +618,36 @@ def test_pairs_through_collator() -> None:
     assert batch["input_ids"].shape == (16, max(len(p["input_ids"]) for p in pairs[:16]))
     assert batch["next_sentence_label"].tolist() == [p["next_sentence_label"] for p in pairs[:16]]
     assert Counter(batch["token_type_ids"].flatten().tolist()).keys() <= {0, 1}
+
+
+def test_albert_ngram_masking_spans_and_length_distribution() -> None:
+    """max_ngram=3: masked positions come in runs of 1-3 consecutive candidates, with lengths drawn
+    ~ 1/n (6/11, 3/11, 2/11 before budget cuts), within the budget, never overlapping."""
+    collator = make_collator(max_ngram=3, mlm_probability=0.15)
+    lengths: Counter = Counter()
+    for ex in random_examples(400, seed=3, min_len=100, max_len=120):
+        ids = np.asarray(ex["input_ids"])
+        words = collator._words(ids)
+        budget = max(1, round(sum(w.size for w in words) * 0.15))
+        chosen = collator._choose(words, budget, np.random.default_rng(ex["index"]))
+        flat = np.concatenate(chosen)
+        assert flat.size == len(set(flat.tolist())) <= budget
+        # Recover the spans: runs of consecutive word indices among the chosen words.
+        idx = sorted(int(np.flatnonzero([w[0] == c[0] for w in words])[0]) for c in chosen)
+        run = 1
+        for a, b in zip(idx, idx[1:] + [None], strict=True):
+            if b == a + 1:
+                run += 1
+            else:
+                lengths[run] += 1
+                run = 1
+    total = sum(lengths.values())
+    # 1/n gives 0.55 / 0.27 / 0.18; adjacent spans merge into a few longer runs.
+    assert 0.45 < lengths[1] / total < 0.62 and 0.2 < lengths[2] / total < 0.35 and 0.1 < lengths[3] / total < 0.25
+    assert sum(n * c for n, c in lengths.items()) / total > 1.3  # mean span well above BERT's 1
+
+
+def test_ngram_masking_of_one_is_bert_masking() -> None:
+    examples = random_examples(16, seed=4)
+    a, b = make_collator()(examples), make_collator(max_ngram=1)(examples)
+    assert all(torch.equal(a[k], b[k]) for k in a)

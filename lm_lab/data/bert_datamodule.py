@@ -243,6 +243,7 @@ class MaskedLMDataModule(TextDataModule):
             whole_word_masking=c.whole_word_masking,
             continuation_ids=continuation,
             seed=seed,
+            max_ngram=c.max_ngram,
         )
 
     def log_sample(self) -> None:

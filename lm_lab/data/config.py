@@ -53,6 +53,9 @@ class DataConfig(ConfigBase):
     mlm_probability: float = 0.15
     max_predictions: int | None = None
     whole_word_masking: bool = False
+    # ALBERT's n-gram masking: spans of up to max_ngram consecutive tokens (words, with
+    # whole_word_masking), n drawn with probability ~ 1/n; 1 = BERT's single tokens.
+    max_ngram: int = 1
     short_seq_prob: float = 0.1
     dupe_factor: int = 1
 
@@ -66,6 +69,7 @@ class DataConfig(ConfigBase):
         self.require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         self.require(self.vocab_size >= 2, f"data.vocab_size={self.vocab_size} must be >= 2")
         self.require(0.0 < self.mlm_probability < 1.0, f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
+        self.require(self.max_ngram >= 1, f"data.max_ngram={self.max_ngram} must be >= 1 (ALBERT used 3)")
         self.require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         self.require(
             self.path is not None or self.data_files is not None,

@@ -20,6 +20,12 @@ Selection follows ``create_masked_lm_predictions``:
   (10%) or stays unchanged (10%). Random tokens are drawn uniformly from the
   vocabulary *minus special ids* (the original could draw e.g. ``[CLS]``, which
   only adds noise).
+
+``max_ngram > 1`` is ALBERT's n-gram masking (``create_pretraining_data.py`` of
+google-research/albert): from each randomly ordered start, a span of ``n``
+consecutive units (tokens, or whole words) is masked, ``n`` drawn with
+probability proportional to ``1/n`` (for 3: 6/11, 3/11, 2/11) and shortened while
+it would overflow the budget; spans never overlap.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class MLMCollator:
         whole_word_masking: bool = False,
         continuation_ids: Collection[int] = (),
         seed: int = 0,
+        max_ngram: int = 1,
     ) -> None:
         # mask_id/pad_id accept None so that callers can pass
         # `tokenizer.token_to_id("[MASK]")` straight through and get a clear error.
@@ -96,6 +103,8 @@ class MLMCollator:
             )
         if seed < 0:
             raise ValueError(f"seed={seed} must be non-negative")
+        if max_ngram < 1:
+            raise ValueError(f"max_ngram={max_ngram} must be >= 1 (1: single tokens/words; ALBERT used 3)")
 
         self.vocab_size = vocab_size
         self.mask_id = mask_id
@@ -104,6 +113,9 @@ class MLMCollator:
         self.max_predictions = max_predictions
         self.whole_word_masking = whole_word_masking
         self.seed = seed
+        self.max_ngram = max_ngram
+        weights = 1.0 / np.arange(1, max_ngram + 1)
+        self._ngram_p = weights / weights.sum()
         self.epoch = 0
         # Padding and [MASK] are never prediction targets, whether or not the
         # caller listed them.
@@ -138,6 +150,40 @@ class MLMCollator:
                 words.append([pos])
         return [np.asarray(w, dtype=np.int64) for w in words]
 
+    def _choose(self, words: list[np.ndarray], budget: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """The units to predict: whole units in random order, never past ``budget`` tokens."""
+        chosen: list[np.ndarray] = []
+        n_chosen = 0
+        if self.max_ngram == 1:
+            for k in rng.permutation(len(words)):
+                if n_chosen >= budget:
+                    break
+                word = words[k]
+                # Like the original: never split a word to hit the budget exactly.
+                if n_chosen + word.size > budget:
+                    continue
+                chosen.append(word)
+                n_chosen += word.size
+            return chosen
+        covered = np.zeros(len(words), dtype=bool)
+        for start in rng.permutation(len(words)):
+            if n_chosen >= budget:
+                break
+            if covered[start]:
+                continue
+            longest = min(self.max_ngram, len(words) - start)
+            p = self._ngram_p[:longest] / self._ngram_p[:longest].sum()
+            n = int(rng.choice(np.arange(1, longest + 1), p=p))
+            # Shorten the span while it would overflow the budget (ALBERT's loop).
+            while n > 0 and n_chosen + sum(w.size for w in words[start : start + n]) > budget:
+                n -= 1
+            if n == 0 or covered[start : start + n].any():
+                continue
+            covered[start : start + n] = True
+            chosen.extend(words[start : start + n])
+            n_chosen += sum(w.size for w in words[start : start + n])
+        return chosen
+
     def mask_one(self, ids: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Mask one unpadded sequence; returns ``(masked_ids, labels)``.
 
@@ -155,17 +201,7 @@ class MLMCollator:
         if self.max_predictions is not None:
             num_to_predict = min(num_to_predict, self.max_predictions)
 
-        chosen: list[np.ndarray] = []
-        n_chosen = 0
-        for k in rng.permutation(len(words)):
-            if n_chosen >= num_to_predict:
-                break
-            word = words[k]
-            # Like the original: never split a word to hit the budget exactly.
-            if n_chosen + word.size > num_to_predict:
-                continue
-            chosen.append(word)
-            n_chosen += word.size
+        chosen = self._choose(words, num_to_predict, rng)
         if not chosen:
             return masked, labels
         positions = np.sort(np.concatenate(chosen))
