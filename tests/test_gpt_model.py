@@ -110,3 +110,15 @@ def test_config_errors_name_the_key() -> None:
         tiny(dropout=1.5)
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         GPT(tiny(max_seq_len=8))(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_flops_per_token_counts_the_training_block_not_max_seq_len() -> None:
+    """PaLM's 6N + 12 L C T with T the block the model trains on (here 64 of max_seq_len 1024),
+    N the non-embedding-position parameters, hand-counted for a 2-layer, 32-wide GPT."""
+    from lm_lab.tasks.causal_lm import CausalLMTask
+
+    L, C, V = 2, 32, 100
+    task = CausalLMTask(GPTConfig(vocab_size=V, n_layer=L, n_head=4, n_embd=C, max_seq_len=1024))
+    per_layer = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
+    n = V * C + L * per_layer + 2 * C  # tied embedding, blocks, final LayerNorm
+    assert task.estimate_flops_per_token(64) == 6 * n + 12 * L * C * 64

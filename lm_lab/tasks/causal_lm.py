@@ -25,15 +25,21 @@ class CausalLMTask(PretrainTask):
     ) -> None:
         super().__init__(model_cfg, optimizer, scheduler, tokenizer)
         self.net = GPT(model_cfg)
-        # Training FLOPs per token (PaLM appendix B): 6N for the weights plus attention's 12*L*C*T.
-        c = model_cfg
-        self.flops_per_token = 6 * self.net.num_params() + 12 * c.n_layer * c.n_embd * c.max_seq_len
+        self.flops_per_token: float | None = None  # of the training block size; read by the Throughput callback
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V)."""
         return self.net(idx)
 
+    def estimate_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM appendix B): 6N for the weights plus attention's 12*L*C*T,
+        with T the length the model is trained at (the data's block size, not model.max_seq_len)."""
+        c = self.model_cfg
+        return 6 * self.net.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> StepOutput:
+        if stage == "train" and self.flops_per_token is None:
+            self.flops_per_token = self.estimate_flops_per_token(batch["input_ids"].size(1))
         logits = self.net(batch["input_ids"])
         labels = batch["labels"].flatten()
         n = (labels != -100).sum()
