@@ -154,6 +154,9 @@ class TextDataModule(L.LightningDataModule):
             "seed": self.seed,
             "data": dataclasses.asdict(self.cfg),
         }
+        fingerprint = self.corpus_fingerprint()
+        if fingerprint is not None:  # a resume on other data (e.g. a file edited in place) is refused
+            state["corpus"] = fingerprint
         if self.train_sampler is not None:
             state["sampler"] = self.train_sampler.state_dict(consumed)
         train_set = getattr(self, "train_set", None)
@@ -164,6 +167,10 @@ class TextDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Applied when the train loader is built (after this hook, before the first batch).
         self._resume_state = state
+
+    def corpus_fingerprint(self) -> str | None:
+        """The fingerprint of the corpus trained on, or None before it is loaded."""
+        return self._corpus.fingerprint if self._corpus is not None else None
 
     def _gather(self, local: Any) -> list[Any]:
         """Every rank's ``local`` on every rank (rank 0 writes the checkpoint)."""
