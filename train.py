@@ -42,8 +42,21 @@ def _build(node: Any, section: str, **kwargs: Any) -> Any:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Build everything from ``cfg``, train, and return (metrics, objects)."""
+    """Build everything from ``cfg``, train, and return (metrics, objects).
+
+    The run directory is locked throughout: a second process training into it at the same time is
+    refused (``RunDirInUseError``) instead of interleaving its logs and checkpoints with this one's.
+    """
+    from lm_lab.rundir import run_dir_lock
+
+    output_dir = Path(cfg.paths.output_dir)
+    with run_dir_lock(output_dir):
+        return _train(cfg, output_dir)
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     import dataclasses
+    import functools
 
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -61,6 +74,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from lm_lab.data.datamodule import datamodule_for
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.loggers import guard_loggers
+    from lm_lab.rundir import write_hydra_record
     from lm_lab.tasks import task_for
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy.
@@ -74,10 +88,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             f"{model_cfg.max_seq_len}: lower data.block_size or raise model.max_seq_len"
         )
     _check_budget(cfg.trainer)
-    output_dir = Path(cfg.paths.output_dir)
+    _check_seed(cfg.get("seed"))
+    allow_data_change = cfg.get("allow_data_change", False)
+    if not isinstance(allow_data_change, bool):
+        raise ConfigError(f"allow_data_change={allow_data_change!r} must be true or false")
+    # Built once, by the resume check below (which needs its corpus) or in step 3.
+    make_dm = functools.cache(lambda: datamodule_for(model_cfg.family)(data_cfg, seed=cfg.seed))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
-        check_resume(ckpt_path, model_cfg, data_cfg, cfg.seed, optim_cfg, sched_cfg)
+        check_resume(
+            ckpt_path,
+            model_cfg,
+            data_cfg,
+            cfg.seed,
+            optim_cfg,
+            sched_cfg,
+            corpus_fingerprint=lambda: make_dm().corpus.fingerprint,  # loads the corpus (not its tokens)
+            allow_data_change=allow_data_change,
+        )
     # Weights only, fresh optimizer/schedule/data position (e.g. BERT's phase 2); a resume wins over it.
     init_from = cfg.get("init_from") if ckpt_path is None else None
     if init_from:
@@ -102,7 +130,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.val_check_interval *= accum
 
     # 3. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
-    dm = datamodule_for(model_cfg.family)(data_cfg, seed=cfg.seed)
+    dm = make_dm()
     dm.configure_batching(micro, accum)
     if ckpt_path is not None:
         dm._tokenizer = tokenizer_from_checkpoint(ckpt_path)
@@ -129,6 +157,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         task.net.compile()
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
+        write_hydra_record(cfg, output_dir)  # only now: a refused launch leaves an existing run's record alone
         remove_partial_checkpoints(output_dir / "checkpoints")
         save_hf(tokenizer, output_dir / "tokenizer", model_cfg.family)
         resolved = _plain(cfg)
@@ -179,6 +208,14 @@ def _check_budget(trainer_cfg: Any) -> None:
         )
 
 
+def _check_seed(seed: Any) -> None:
+    """The range NumPy's seeding (and ``seed_everything``) accepts."""
+    from lm_lab.config import ConfigError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
+        raise ConfigError(f"seed={seed!r} must be an integer from 0 to {2**32 - 1}")
+
+
 def _plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run config as plain containers (without Hydra's own node)."""
     return {
@@ -209,9 +246,12 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from lm_lab.errors import USER_ERRORS
+    from lm_lab.rundir import RunDirInUseError, is_fresh
 
     output_dir = Path(cfg.paths.output_dir)
-    existed = (output_dir / "checkpoints").exists()
+    # Only a directory this launch created may be removed on failure: hydra.run.dir may name an existing
+    # run (or any directory) whose contents are not ours.
+    fresh = is_fresh(output_dir)
     try:
         metrics, _ = train(cfg)
     except (*USER_ERRORS, OSError) as e:
@@ -223,9 +263,12 @@ def main(cfg: DictConfig) -> float | None:
                 f"disk full while writing {e.filename or 'a file'}: free space there, or point hydra.run.dir "
                 "(checkpoints, logs) or paths.cache_dir (tokenized data) at a disk with room"
             )
-        log.error("%s", message)
+        if not isinstance(e, RunDirInUseError):  # another live run's train.log: not a byte of it changes
+            log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
-        if not existed and not (output_dir / "checkpoints").exists():
+        if isinstance(e, RunDirInUseError):
+            sys.exit(2)
+        if fresh and not (output_dir / "checkpoints").exists():
             # Nothing was trained: leave no half-written run directory behind.
             logging.shutdown()
             shutil.rmtree(output_dir, ignore_errors=True)

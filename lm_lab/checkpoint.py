@@ -7,7 +7,11 @@ import dataclasses
 import errno
 import logging
 import os
+import pickle
+import re
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,12 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's contents (tensors memory-mapped), refusing arbitrary pickles."""
+    """Load a checkpoint's contents (tensors memory-mapped), refusing arbitrary pickles, files that
+    are not lm_lab checkpoints, damaged weights (checksum) and non-finite weights.
+
+    Every reader goes through here: resume (also Lightning's own load, see ``AtomicCheckpointIO``),
+    ``init_from``, export, generate and fill_mask.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -35,16 +44,93 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or truncated (not a torch zip archive): "
             "use an earlier checkpoint from the same checkpoints/ directory"
         )
+    st = path.stat()
+    identity = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        # PyTorch's own message advises weights_only=False, i.e. running whatever code the file holds.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path} is not an lm_lab checkpoint: it contains Python objects{what} beyond tensors and plain "
+            "containers, which lm_lab never unpickles (they can run code): pass a checkpoint written by train.py"
+        ) from None
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
             "use an earlier checkpoint"
         ) from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"{path} is not an lm_lab checkpoint (no state_dict/hyper_parameters)")
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if (
+        not isinstance(ckpt, dict)
+        or not isinstance(ckpt.get("state_dict"), dict)
+        or not isinstance(hp, dict)
+        or hp.get("family") not in FAMILIES
+        or not isinstance(hp.get("model"), dict)
+    ):
+        raise CheckpointError(
+            f"{path} is not an lm_lab checkpoint (it needs a state_dict and hyper_parameters naming the model "
+            "family and settings): pass a checkpoint written by train.py"
+        )
+    if identity not in _VERIFIED:  # hashing is the costly part; a run reads its checkpoint several times
+        verify_weights(ckpt, path)
+        _VERIFIED.add(identity)
     return ckpt
+
+
+FAMILIES = ("gpt", "bert")
+CHECKSUM_KEY = "lm_lab_checksum"
+# (path, device, inode, size, mtime) of files whose weights were verified by this process.
+_VERIFIED: set[tuple[Any, ...]] = set()
+
+
+def weights_checksum(state_dict: dict[str, Any]) -> dict[str, int]:
+    """CRC-32 of each tensor's bytes (seeded with its dtype and shape), by key.
+
+    ``torch.load`` does not check the zip's own CRCs, so a flipped bit inside a tensor loads without
+    complaint. CRC-32 (zlib) runs at several GB/s; a cryptographic hash would be 3-5x slower and
+    protects against nothing more here (the threat is a damaged disk or copy, not an attacker).
+    """
+    sums = {}
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        sums[key] = zlib.crc32(data, zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode()))
+    return sums
+
+
+def verify_weights(ckpt: dict[str, Any], path: Path) -> None:
+    """Refuse weights that differ from the checksum stored with them, or that are not finite."""
+    state = ckpt["state_dict"]
+    stored = (ckpt.get(CHECKSUM_KEY) or {}).get("crc32")
+    if stored is None:
+        log.info("checkpoint %s has no weights checksum (written before lm_lab stored one): not verified", path)
+    else:
+        now = weights_checksum(state)
+        bad = next((k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)), None)
+        if bad is not None:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: tensor {bad} does not match the checksum written with it "
+                "(changed on disk or in a copy): use an earlier checkpoint"
+            )
+    for key in sorted(state):
+        t = state[key]
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not _finite(t):
+            raise CheckpointError(
+                f"checkpoint {path} holds non-finite weights (NaN/inf in {key}): the run that wrote it "
+                "diverged; use an earlier checkpoint (and a lower optimizer.lr)"
+            )
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # A sum is one fast pass and is NaN/inf when any element is; only then (or on overflow) look closer.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 NONFINITE_PREFIX = "nonfinite-"  # written when a run stops on non-finite losses; never resumed by "last"
@@ -112,9 +198,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``TorchCheckpointIO`` stages the file in the system temp directory and *moves* it, which is a
     copy when that directory is another file system (usual on clusters): a kill during the copy
     leaves a truncated checkpoint. A full disk is reported as one line and the previous file is kept.
+
+    Each checkpoint carries a checksum of its weights (``weights_checksum``), checked by every reader
+    (``read_checkpoint``), including the load of a resume, which goes through ``load_checkpoint`` here.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = {**checkpoint, CHECKSUM_KEY: {"crc32": weights_checksum(checkpoint["state_dict"])}}
         if "://" in str(path):  # remote storage: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -141,6 +232,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from None
             raise
         return None
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # The file a resume restores is the one that was vetted: weights_only, checksum, finite weights.
+        return read_checkpoint(path)
 
 
 class _WriteErrors:
@@ -220,6 +317,7 @@ DATA_STREAM_KEYS = (
     "mlm_probability",
     "max_predictions",
     "whole_word_masking",
+    "max_ngram",
     "short_seq_prob",
     "dupe_factor",
 )
@@ -248,9 +346,21 @@ def data_state(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume(
-    path: Path, model_cfg: Any, data_cfg: Any, seed: int, optim_cfg: Any = None, sched_cfg: Any = None
+    path: Path,
+    model_cfg: Any,
+    data_cfg: Any,
+    seed: int,
+    optim_cfg: Any = None,
+    sched_cfg: Any = None,
+    corpus_fingerprint: Callable[[], str | None] | None = None,
+    allow_data_change: bool = False,
 ) -> None:
-    """Refuse (one line) a resume whose model or data stream differs from the checkpoint's."""
+    """Refuse (one line) a resume whose model or data stream differs from the checkpoint's.
+
+    ``corpus_fingerprint`` returns the current corpus's ``Corpus.fingerprint`` (called last, as it
+    loads the corpus): a checkpoint records the one it was trained on, so a corpus edited in place
+    (same settings, even the same number of blocks) is refused too, unless ``allow_data_change``.
+    """
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     if hp.get("family") != model_cfg.family:
@@ -277,6 +387,23 @@ def check_resume(
                 f"resuming {path} with a different data stream: {', '.join(changed)}: resume with "
                 f"the checkpoint's values, or start a new run from its weights with init_from={path}"
             )
+    saved_corpus = dstate.get("corpus")
+    current = corpus_fingerprint() if saved_corpus and corpus_fingerprint is not None else None
+    if current and saved_corpus != current:
+        if not allow_data_change:
+            raise CheckpointError(
+                f"resuming {path} on different data: the corpus changed since the checkpoint was written "
+                f"(fingerprint {current}, checkpoint: {saved_corpus}; e.g. a data file edited in place): "
+                f"resume with the data it was trained on, start a new run with init_from={path}, or pass "
+                "allow_data_change=true to continue on the changed data"
+            )
+        log.warning(
+            "resuming %s on a changed corpus (fingerprint %s, checkpoint: %s): allow_data_change=true, "
+            "the data position is kept but the samples behind it differ",
+            path,
+            current,
+            saved_corpus,
+        )
     changed = [
         d
         for key, cfg in (("optimizer", optim_cfg), ("scheduler", sched_cfg))
@@ -335,8 +462,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     tok = Tokenizer.from_str(ckpt["tokenizer_json"]) if ckpt.get("tokenizer_json") else None
     task = task_cls(
         model_cfg,
-        optimizer=OptimizerConfig(**hp["optimizer"]),
-        scheduler=SchedulerConfig(**hp["scheduler"]),
+        optimizer=OptimizerConfig(**hp.get("optimizer", {})),
+        scheduler=SchedulerConfig(**hp.get("scheduler", {})),
         tokenizer=tok,
     )
     state = {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}

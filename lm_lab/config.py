@@ -9,6 +9,7 @@ constructor, which names the unexpected keyword).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -109,13 +110,20 @@ class OptimizerConfig(ConfigBase):
     fused: bool | None = None
 
     def validate(self) -> None:
-        self.require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0: pass a positive learning rate")
+        # inf passes "> 0" and turns every weight into NaN at the first step (nan fails the comparison).
+        self.require(
+            math.isfinite(self.lr) and self.lr > 0,
+            f"optimizer.lr={self.lr} must be > 0 and finite: pass a positive learning rate",
+        )
         self.require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1)",
         )
-        self.require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
-        self.require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
+        self.require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"optimizer.weight_decay={self.weight_decay} must be >= 0 and finite",
+        )
+        self.require(math.isfinite(self.eps) and self.eps > 0, f"optimizer.eps={self.eps} must be > 0 and finite")
 
 
 @dataclasses.dataclass
@@ -133,7 +141,9 @@ class SchedulerConfig(ConfigBase):
 
     def validate(self) -> None:
         self.require(self.warmup_steps >= 0, f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
-        self.require(self.min_lr >= 0, f"scheduler.min_lr={self.min_lr} must be >= 0")
+        self.require(
+            math.isfinite(self.min_lr) and self.min_lr >= 0, f"scheduler.min_lr={self.min_lr} must be >= 0 and finite"
+        )
         self.require(
             self.decay_steps is None or self.decay_steps > 0,
             f"scheduler.decay_steps={self.decay_steps} must be > 0 (or null for trainer.max_steps)",

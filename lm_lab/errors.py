@@ -10,5 +10,13 @@ from lm_lab.checkpoint import CheckpointError
 from lm_lab.config import ConfigError
 from lm_lab.data.sources import DataError
 from lm_lab.data.tokenizer import TokenizerError
+from lm_lab.rundir import RunDirInUseError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteLossError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    TokenizerError,
+    CheckpointError,
+    NonFiniteLossError,
+    RunDirInUseError,
+)

@@ -7,9 +7,11 @@ import hashlib
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,14 @@ from lm_lab.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     find_checkpoints,
+    load_checkpoint,
     remove_partial_checkpoints,
     resolve_ckpt_path,
 )
 from lm_lab.config import ConfigError
 from lm_lab.data import cache
 from lm_lab.errors import USER_ERRORS
+from lm_lab.rundir import RunDirInUseError, run_dir_lock
 from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config
 from tests.test_cli import run_dirs, run_train
 
@@ -60,7 +64,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Pat
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
-    """Hashes of a run's own files (Hydra rewrites .hydra/ and appends to train.log on every launch)."""
+    """Hashes of a run's own files (train.log gets every launch's lines; .hydra/ is compared where it matters)."""
     return {
         str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run_dir.rglob("*"))
@@ -82,6 +86,8 @@ def test_every_checkpoint_loads_with_weights_only(trained: Path) -> None:
         assert dm["sampler"]["consumed_global"] == dm["consumed"] == ckpt["global_step"] * 4
         assert dm["data"]["batch_size"] == 4 and dm["seed"] == 1337
         assert ckpt["lm_lab"]["micro_batches"] == ckpt["global_step"]
+        assert ckpt["lm_lab_checksum"]["crc32"].keys() == ckpt["state_dict"].keys()
+        assert dm["corpus"]  # the corpus fingerprint a resume is checked against
     assert torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
@@ -140,6 +146,190 @@ def test_truncated_last_ckpt_is_reported_and_the_previous_one_still_resumes(
     out = train_in_process([*RUN, "trainer.max_steps=5", "ckpt_path=last"], run_dir, shared_cache)
     assert out["trainer"].global_step == 5
     assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+def flip_a_byte_in(ckpt: Path, key: str) -> None:
+    """Flip one bit inside the stored data of ``state_dict[key]``; the file keeps its length and
+    stays a valid zip (torch.load does not check the records' CRCs)."""
+    tensor = torch.load(ckpt, weights_only=True)["state_dict"][key]
+    with zipfile.ZipFile(ckpt) as z:
+        (info,) = [i for i in z.infolist() if "/data/" in i.filename and z.read(i) == tensor.numpy().tobytes()]
+    assert info.compress_type == zipfile.ZIP_STORED
+    with open(ckpt, "r+b") as f:
+        f.seek(info.header_offset + 26)  # the local header's file name and extra field lengths
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))  # the lowest mantissa bit of one float32: a finite, plausible weight
+
+
+def test_a_flipped_bit_in_the_weights_is_detected_everywhere(
+    trained: Path, tmp_path: Path, shared_cache: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    from lm_lab import export, fill_mask, generate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    last, previous = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "step000003.ckpt"
+    size = last.stat().st_size
+    flip_a_byte_in(last, "net.transformer.h.0.mlp.c_fc.weight")
+    assert last.stat().st_size == size
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # PyTorch alone notices nothing
+    damaged = "is damaged: tensor net.transformer.h.0.mlp.c_fc.weight does not match the checksum"
+
+    # Named explicitly: one line, status 2, the run (incl. .hydra/) untouched.
+    before, hydra = snapshot(run_dir), {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    r = run_train([*RUN, f"ckpt_path={last}", f"hydra.run.dir={run_dir}"], tmp_path, shared_cache)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and damaged in errors[0], r.stderr[-2000:]
+    assert f"(e.g. ckpt_path={previous})" in errors[0] and "Traceback" not in r.stderr
+    assert snapshot(run_dir) == before
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra
+
+    # ckpt_path=last falls back to the previous checkpoint with a warning.
+    caplog.clear()
+    assert resolve_ckpt_path("last", run_dir) == previous
+    assert any(r.levelname == "WARNING" and f"skipping {last}" in r.getMessage() for r in caplog.records)
+
+    # init_from, export, generate and fill_mask refuse it too.
+    with pytest.raises(CheckpointError, match=damaged):
+        train_in_process([*RUN, f"init_from={last}"], tmp_path / "other", shared_cache)
+    capsys.readouterr()
+    for main, args in (
+        (export.main, [str(last), str(tmp_path / "hf")]),
+        (generate.main, [str(last), "--prompt", "ROMEO:", "--max-new-tokens", "2"]),
+        (fill_mask.main, [str(last), "The [MASK] is here."]),
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: checkpoint") and damaged in err and "\n" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_nonfinite_weights_in_a_checkpoint_are_refused_and_last_falls_back(
+    trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["state_dict"]["net.transformer.wpe.weight"][3, 5] = float("nan")
+    AtomicCheckpointIO().save_checkpoint(ckpt, last)  # a valid checksum, over a NaN
+    with pytest.raises(CheckpointError, match=r"last.ckpt holds non-finite weights \(NaN/inf in net.transformer.wpe"):
+        resolve_ckpt_path(str(last), run_dir)
+    assert resolve_ckpt_path("last", run_dir) == run_dir / "checkpoints" / "step000003.ckpt"
+    assert any("non-finite weights" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(
+    trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checkpoints written before the checksum existed are read (with a note), not refused."""
+    import logging
+
+    old = tmp_path / "old.ckpt"
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    del ckpt["lm_lab_checksum"]
+    torch.save(ckpt, old)
+    with caplog.at_level(logging.INFO, logger="lm_lab"):
+        task = load_checkpoint(old)
+    assert task.family == "gpt"
+    assert any("has no weights checksum" in r.getMessage() for r in caplog.records)
+
+
+def _without_hyperparameters(ckpt: dict) -> dict:
+    del ckpt["hyper_parameters"]
+    return ckpt
+
+
+NOT_LM_LAB = {
+    "hyper_parameters removed": _without_hyperparameters,
+    "hyper_parameters None": lambda c: {**c, "hyper_parameters": None},
+    "hyper_parameters empty": lambda c: {**c, "hyper_parameters": {}},
+    "state_dict only": lambda c: {"state_dict": {}},
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_LM_LAB))
+@pytest.mark.parametrize("use", ["ckpt_path", "init_from"])
+def test_a_checkpoint_without_hyperparameters_is_one_line(
+    case: str, use: str, trained: Path, tmp_path: Path, shared_cache: Path
+) -> None:
+    path = tmp_path / "edited.ckpt"
+    torch.save(NOT_LM_LAB[case](torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)), path)
+    with pytest.raises(CheckpointError, match="is not an lm_lab checkpoint") as e:
+        train_in_process([*RUN, f"{use}={path}"], tmp_path / "run", shared_cache)
+    assert "None" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_on_a_corpus_edited_in_place_is_refused_unless_allowed(tmp_path: Path, shared_cache: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    text = SHAKESPEARE.read_text()[:100_000]
+    corpus.write_text(text)
+    run = [*RUN, f"data.data_files={corpus}", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    run_dir = tmp_path / "run"
+    train_in_process(run, run_dir, shared_cache)
+    # Same length, same characters, so the same number of blocks and the same tokenizer: only the text differs.
+    corpus.write_text(text[:1000] + text[1000:50_000][::-1] + text[50_000:])
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="on different data: the corpus changed since the checkpoint") as e:
+        train_in_process([*run, "trainer.max_steps=3", "ckpt_path=last"], run_dir, shared_cache)
+    assert "allow_data_change=true" in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(run_dir) == before
+    out = train_in_process(
+        [*run, "trainer.max_steps=3", "ckpt_path=last", "allow_data_change=true"], run_dir, shared_cache
+    )
+    assert out["trainer"].global_step == 3
+
+
+def test_a_second_run_into_a_busy_run_directory_is_refused(tmp_path: Path, shared_cache: Path) -> None:
+    run_dir = tmp_path / "run"
+    slow = [*RUN, "trainer.max_steps=100000", "trainer.val_check_interval=100000"]
+    slow += ["callbacks.model_checkpoint.every_n_train_steps=null", f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *slow],
+        cwd=tmp_path,
+        env={**os.environ, "LM_LAB_CACHE": str(shared_cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "tokenizer" / "tokenizer.json").is_file():  # past its checks: training
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
+        hydra = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        os.setpriority(os.PRIO_PROCESS, first.pid, 19)  # its training loop would slow the second's start-up
+        r = run_train([*slow, "seed=7"], tmp_path, shared_cache)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+        assert errors[0].startswith(f"error: run directory {run_dir} is in use by pid {first.pid} on host ")
+        assert errors[0].endswith(": wait for it or choose another hydra.run.dir")
+        assert first.poll() is None, "the first run must go on"
+        assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra
+        assert "in use" not in (run_dir / "train.log").read_text()
+    finally:
+        first.kill()
+        first.wait()
+    # The kernel released the dead process's lock: the directory is free again (the stale file is no obstacle).
+    assert (run_dir / ".lock").is_file()
+    with run_dir_lock(run_dir):
+        assert f"pid {os.getpid()} " in (run_dir / ".lock").read_text()
+    assert not (run_dir / ".lock").exists()
+
+
+def test_only_the_launching_process_of_a_distributed_job_takes_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with run_dir_lock(tmp_path):
+        with pytest.raises(RunDirInUseError, match=f"is in use by pid {os.getpid()} "), run_dir_lock(tmp_path):
+            pass
+        # The ranks Lightning's DDP launcher starts (LOCAL_RANK=1..) share the launcher's run directory.
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with run_dir_lock(tmp_path):
+            pass
 
 
 # ---------------------------------------------------------------------- numerical faults
@@ -330,10 +520,14 @@ def test_cli_refused_resume_exits_2_with_one_line_and_keeps_the_run(
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     before = snapshot(run_dir)
+    hydra = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    assert set(hydra) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     r = run_train([*RUN, "data.batch_size=8", "ckpt_path=last", f"hydra.run.dir={run_dir}"], tmp_path, shared_cache)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "data.batch_size=8 (checkpoint: 4)" in errors[0], r.stderr
     assert "Traceback" not in r.stderr and snapshot(run_dir) == before
+    # Hydra's record of the run is not replaced by the refused launch's config.
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra
 
 
 def test_budget_check_is_a_config_error() -> None:

@@ -196,6 +196,9 @@ class TextDataModule(L.LightningDataModule):
             "seed": self.seed,
             "data": dataclasses.asdict(self.cfg),
         }
+        fingerprint = self.corpus_fingerprint()
+        if fingerprint is not None:  # a resume on other data (e.g. a file edited in place) is refused
+            state["corpus"] = fingerprint
         if self.train_sampler is not None:
             # All ranks draw in step, so this is the position of the whole job (see ResumableSampler).
             state["sampler"] = self.train_sampler.state_dict(consumed * world)
@@ -224,6 +227,10 @@ class TextDataModule(L.LightningDataModule):
             drop_last=False,
             batch_size=self.micro_batch_size * self.accumulate,
         )
+
+    def corpus_fingerprint(self) -> str | None:
+        """The fingerprint of the corpus trained on, or None before it is loaded."""
+        return self._corpus.fingerprint if self._corpus is not None else None
 
     def _gather(self, local: Any) -> list[Any]:
         """Every rank's ``local`` on every rank (rank 0 writes the checkpoint)."""
