@@ -349,7 +349,10 @@ def test_accumulated_step_has_the_gradients_of_one_big_batch(compose_cfg, corpus
     runs = {}
     for micro in (16, 4):
         path = tmp_path / f"grads-{micro}.pt"
-        train_in_process(compose_cfg(*args, f"data.micro_batch_size={micro}", f"+callbacks.capture.path={path}"))
+        cfg = compose_cfg(
+            *args, f"data.micro_batch_size={micro}", f"+callbacks.capture.path={path}", run_dir=tmp_path / f"run{micro}"
+        )
+        train_in_process(cfg)
         runs[micro] = torch.load(path, weights_only=True)
     big, acc, counts = runs[16]["grads"], runs[4]["grads"], runs[4]["targets"]
     assert len(counts) == 4 and len(set(counts)) > 1, counts  # the case that needs the normalization
