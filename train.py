@@ -58,6 +58,14 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
     import dataclasses
     import functools
 
+    from lm_lab.config import ConfigError
+    from lm_lab.data.hub import check_hub_sources
+
+    # 0. A dataset or tokenizer that needs the (unreachable) Hub: one line now, before torch,
+    # Lightning and the loggers start.
+    data_cfg = _build(cfg.data, "data")
+    check_hub_sources(data_cfg, tokenizer=not (cfg.get("ckpt_path") or cfg.get("init_from")))
+
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -70,7 +78,6 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
     )
-    from lm_lab.config import ConfigError
     from lm_lab.data.datamodule import datamodule_for
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.loggers import guard_loggers
@@ -79,7 +86,6 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy.
     model_cfg = _build(cfg.model, "model")
-    data_cfg = _build(cfg.data, "data")
     optim_cfg = _build(cfg.optimizer, "optimizer")
     sched_cfg = _build(cfg.scheduler, "scheduler")
     if data_cfg.block_size > model_cfg.max_seq_len:

@@ -19,11 +19,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
+from lm_lab.errors import CheckpointError  # defined there: importable without torch
+
 log = logging.getLogger("lm_lab")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated or not an lm_lab checkpoint."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

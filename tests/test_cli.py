@@ -51,6 +51,17 @@ def test_default_run_offline_with_wandb_and_csv(tmp_path: Path, shared_cache: Pa
     assert "--- sample" in r.stdout and "run directory: " in r.stdout and "final metrics: {'val/loss'" in r.stdout
 
 
+def test_offline_hub_preset_fails_with_one_line(tmp_path: Path, shared_cache: Path) -> None:
+    """Before torch, Lightning or a logger starts: the whole output is the error, naming the fix
+    the README gives (data=files)."""
+    r = run_train(["data=wikitext2"], tmp_path, shared_cache, HF_HUB_OFFLINE="1")
+    assert r.returncode == 2
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the Hugging Face Hub is unreachable"), lines
+    assert "data=files data.data_files=" in lines[0]
+    assert "python train.py data=files data.data_files=" in (REPO / "README.md").read_text()
+
+
 @pytest.mark.slow
 def test_default_run_no_arguments(tmp_path: Path, shared_cache: Path) -> None:
     r = run_train([], tmp_path, shared_cache, timeout=900, HF_HUB_OFFLINE="1")

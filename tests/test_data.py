@@ -76,7 +76,7 @@ def test_hub_dataset_offline_fails_fast_with_fix(monkeypatch: pytest.MonkeyPatch
     from lm_lab.data import hub
 
     hub.hub_reachable.cache_clear()
-    with pytest.raises(DataError, match=r"Hub is unreachable.*data\.path=text data\.data_files="):
+    with pytest.raises(DataError, match=r"Hub is unreachable.*data=files data\.data_files="):
         load_corpus(DataConfig(path="Salesforce/wikitext", name="wikitext-2-raw-v1"))
     hub.hub_reachable.cache_clear()
 

@@ -10,12 +10,9 @@ import lightning as L
 import torch
 
 from lm_lab.config import ConfigError
+from lm_lab.errors import NonFiniteLossError  # defined there (importable without torch), raised here
 
 log = logging.getLogger("lm_lab")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced non-finite losses for ``patience`` optimizer steps in a row."""
 
 
 class NonFiniteGuard(L.Callback):

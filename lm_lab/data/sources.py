@@ -22,7 +22,8 @@ import xxhash
 from lm_lab.data import cache, pydocs
 from lm_lab.data.config import DataConfig
 from lm_lab.data.grouping import GROUPINGS, group_rows
-from lm_lab.data.hub import hub_offline_message, hub_reachable
+from lm_lab.data.hub import LOCAL_DATA_FIX, hub_offline_message, hub_reachable
+from lm_lab.errors import DataError  # defined there: importable without datasets
 
 BUILDERS = {
     ".txt": "text",
@@ -35,10 +36,6 @@ BUILDERS = {
     ".arrow": "arrow",
 }
 TEXT_BUILDERS = {"text", "json", "csv"}
-
-
-class DataError(ValueError):
-    """The corpus cannot be used; the message names the file or key and the fix."""
 
 
 @dataclass
@@ -142,7 +139,7 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
         for p in files:
             check_utf8(p)
     if not local and not hub_reachable():
-        raise DataError(hub_offline_message(f"dataset {builder!r}", "data.path=text data.data_files=/path/to/*.txt"))
+        raise DataError(hub_offline_message(f"dataset {builder!r}", LOCAL_DATA_FIX))
     # Read every byte (about 0.1-0.2 s per GB from the page cache): a rewrite that keeps the size and
     # modification time must still change the key.
     content = content_digest(cfg.data_files)
@@ -166,8 +163,7 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
         loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, streaming=cfg.streaming, **kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(
-            f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use "
-            "data.path=text data.data_files=<local files>"
+            f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use {LOCAL_DATA_FIX}"
         ) from e
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e

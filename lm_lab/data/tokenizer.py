@@ -16,14 +16,12 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lm_lab.errors import TokenizerError  # defined there: importable without tokenizers
+
 EOT = "<|endoftext|>"
 UNK_CHAR = "<unk>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAINED_KINDS = ("bpe", "char", "wordpiece")
-
-
-class TokenizerError(ValueError):
-    """The tokenizer cannot be used; the message says why and what to do."""
 
 
 def train_tokenizer(
