@@ -67,6 +67,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
     check_hub_sources(data_cfg, tokenizer=not (cfg.get("ckpt_path") or cfg.get("init_from")))
 
     import lightning as L
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lm_lab.checkpoint import (
@@ -78,6 +79,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
     )
+    from lm_lab.console import on_terminal, tidy_console
     from lm_lab.data.datamodule import datamodule_for
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.loggers import guard_loggers
@@ -85,6 +87,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
     from lm_lab.tasks import task_for
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy.
+    tidy_console()
     model_cfg = _build(cfg.model, "model")
     optim_cfg = _build(cfg.optimizer, "optimizer")
     sched_cfg = _build(cfg.scheduler, "scheduler")
@@ -121,12 +124,27 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
 
     # 2. Trainer, callbacks, loggers.
     callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
+    # Lightning's bar on a terminal only (trainer.enable_progress_bar: null); elsewhere it prints
+    # nothing readable, and callbacks.progress prints plain lines instead.
+    show_bar = cfg.trainer.get("enable_progress_bar")
+    show_bar = on_terminal() if show_bar is None else bool(show_bar)
+    if not show_bar:  # Lightning refuses a progress-bar callback together with enable_progress_bar=False
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not on_terminal():  # datasets' tqdm bars (tokenizing) are a line of carriage returns there
+        import datasets
+
+        datasets.disable_progress_bars()
     loggers = guard_loggers([_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None])
     if not loggers:  # LearningRateMonitor refuses to run without a logger (the task logs `lr` itself anyway)
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=show_bar,
     )
     micro, accum = data_cfg.micro_batch(trainer.world_size)
     trainer.accumulate_grad_batches = accum
@@ -169,10 +187,12 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
         resolved = _plain(cfg)
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
+        flops = getattr(task, "flops_per_token", None)
         log.info(
-            "model: %s, %s parameters; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
+            "model: %s, %s parameters%s; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
             type(task.net).__name__,
             f"{task.num_params():,}",
+            f", {flops / 1e6:,.1f} MFLOPs per token (training)" if flops else "",
             data_cfg.batch_size,
             data_cfg.block_size,
             micro,

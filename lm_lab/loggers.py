@@ -41,7 +41,11 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     os.environ.setdefault("WANDB_SILENT", "true")
     if mode == "disabled":
         kwargs["mode"] = "disabled"
-    return WandbLogger(offline=mode == "offline", **kwargs)
+    logger = WandbLogger(offline=mode == "offline", **kwargs)
+    # Lightning always passes anonymous=None, which wandb 0.31 answers with "WARNING The anonymous
+    # setting has no effect" on every run.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 # ---------------------------------------------------------------------- CSV that survives a resume

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,6 +50,42 @@ def test_default_run_offline_with_wandb_and_csv(tmp_path: Path, shared_cache: Pa
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "W&B should log offline without a login"
     assert "--- sample" in r.stdout and "run directory: " in r.stdout and "final metrics: {'val/loss'" in r.stdout
+
+
+# Lines a run must not print on the console (train.log may keep them).
+NOISE = ["💡", "litlogger", "anonymous setting", "LeafSpec", "exists and is not empty", "INFO:"]
+
+
+def test_console_off_a_terminal_shows_progress_lines_once_and_no_noise(tmp_path: Path, shared_cache: Path) -> None:
+    """stdout is a pipe here (as under nohup, SLURM or `| tee`): plain progress lines instead of a
+    bar, each message once, no tips or repeated deprecations; train.log has the loss lines. A
+    resume into the same directory adds no "directory not empty" warning."""
+    run_dir = tmp_path / "run"
+    args = [
+        "model=gpt_tiny",
+        *FAST,
+        "trainer.enable_progress_bar=null",  # the default: a bar only on a terminal
+        "callbacks.progress.every_n_steps=2",
+        "sample_tokens=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {"HF_HUB_OFFLINE": "1", "WANDB_API_KEY": "", "WANDB_MODE": ""}  # the default loggers: W&B offline + CSV
+    first = run_train(args, tmp_path, shared_cache, **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_train([*args, "trainer.max_steps=6", "ckpt_path=last"], tmp_path, shared_cache, **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for r, total in ((first, 4), (resumed, 6)):
+        console = (r.stdout + r.stderr).splitlines()
+        repeated = [line for line, n in Counter(line for line in console if line.strip()).items() if n > 1]
+        assert not repeated, repeated
+        assert not [line for line in console if any(n in line for n in NOISE)], console
+        steps = [line for line in console if line.startswith("step ") and "| loss " in line]
+        assert f"step {total}/{total} | loss " in "\n".join(steps) and "tok/s" in steps[-1] and "eta" in steps[-1]
+        assert any(line.startswith(f"step {total}/{total} | validation: val/loss ") for line in console)
+        assert "━" not in r.stdout + r.stderr  # no progress bar
+    log = (run_dir / "train.log").read_text()
+    assert "step 2/4 | loss " in log and "step 6/6 | loss " in log  # both attempts' progress, with the loss
+    assert "Tip" in log and "exists and is not empty" in log  # what the console leaves out is still in the log
 
 
 def test_offline_hub_preset_fails_with_one_line(tmp_path: Path, shared_cache: Path) -> None:
