@@ -70,6 +70,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.checkpoint import (
         AtomicCheckpointIO,
         check_init_from,
@@ -134,6 +135,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
         import datasets
 
         datasets.disable_progress_bars()
+    final_validation = FinalValidation() if cfg.get("final_validation", True) else None
+    if final_validation is not None:
+        callbacks.append(final_validation)
     loggers = guard_loggers([_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None])
     if not loggers:  # LearningRateMonitor refuses to run without a logger (the task logs `lr` itself anyway)
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
@@ -211,10 +215,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
                 f"ckpt_path=last hydra.run.dir={output_dir}"
             )
         return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg, "preempted": True}
-    if cfg.get("final_validation", True) and "val/loss" not in trainer.callback_metrics:
-        trainer.validate(task, datamodule=dm, verbose=False)
-
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    if final_validation is not None and final_validation.last_val_step != trainer.global_step:
+        # Fit ended without validating its final weights (an epoch budget; max_steps runs validate
+        # them inside fit, see FinalValidation): the reported and returned metrics are these.
+        for results in trainer.validate(task, datamodule=dm, verbose=False):
+            metrics.update({k: float(v) for k, v in results.items()})
+    metrics.pop("step", None)  # the logged step number (see PretrainTask.on_before_optimizer_step)
     if trainer.is_global_zero:
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}

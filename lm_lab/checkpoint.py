@@ -132,12 +132,17 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 NONFINITE_PREFIX = "nonfinite-"  # written when a run stops on non-finite losses; never resumed by "last"
+BEST_LINK = "best.ckpt"  # a link to (or copy of) one of the step files: never a resume candidate of its own
 
 
 def find_checkpoints(output_dir: Path) -> list[Path]:
     """The run's checkpoints, newest first: ``checkpoints/*.ckpt`` and Lightning's SLURM
     ``hpc_ckpt_*.ckpt`` (written on SIGUSR1 before a requeue); last.ckpt wins a tie."""
-    found = [p for p in (output_dir / "checkpoints").glob("*.ckpt") if not p.name.startswith(NONFINITE_PREFIX)]
+    found = [
+        p
+        for p in (output_dir / "checkpoints").glob("*.ckpt")
+        if not p.name.startswith(NONFINITE_PREFIX) and p.name != BEST_LINK
+    ]
     found += list(output_dir.glob("hpc_ckpt_*.ckpt"))
     return sorted(
         (p for p in found if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import struct
@@ -57,7 +58,8 @@ def train_in_process(overrides: list[str], run_dir: Path, cache_dir: Path) -> di
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    """A finished 4-step GPT run: last.ckpt (step 4) and the best by val/loss (step 3)."""
+    """A finished 4-step GPT run: last.ckpt (step 4), the best by val/loss (validated at steps 3 and 4)
+    and best.ckpt pointing to it."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     train_in_process(RUN, run_dir, shared_cache)
     return run_dir
@@ -77,7 +79,10 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 def test_every_checkpoint_loads_with_weights_only(trained: Path) -> None:
     ckpts = sorted((trained / "checkpoints").glob("*.ckpt"))
-    assert {p.name for p in ckpts} == {"last.ckpt", "step000003.ckpt"}
+    (best,) = (trained / "checkpoints").glob("step*.ckpt")
+    assert {p.name for p in ckpts} == {"last.ckpt", "best.ckpt", best.name}
+    assert re.fullmatch(r"step00000[34]-val\d+\.\d{3}\.ckpt", best.name)
+    assert (trained / "checkpoints" / "best.ckpt").resolve() == best.resolve()
     for path in ckpts:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain containers only
         assert isinstance(ckpt["lm_lab"]["micro_batches"], int)
@@ -135,7 +140,7 @@ def test_truncated_last_ckpt_is_reported_and_the_previous_one_still_resumes(
     last = run_dir / "checkpoints" / "last.ckpt"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])  # e.g. copied by hand and cut off
-    previous = run_dir / "checkpoints" / "step000003.ckpt"
+    (previous,) = (run_dir / "checkpoints").glob("step*.ckpt")
 
     # Named explicitly: an error naming the problem and the checkpoint to use instead.
     with pytest.raises(CheckpointError, match="is corrupt or truncated") as e:

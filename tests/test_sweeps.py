@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO, SHAKESPEARE
 
@@ -27,6 +30,12 @@ TINY_CLI = [
 ]
 
 
+def _cli(*changes: str) -> list[str]:
+    """TINY_CLI with some keys (or groups) set otherwise."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [a for a in TINY_CLI if a.split("=", 1)[0] not in keys] + list(changes)
+
+
 def _run(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -42,11 +51,26 @@ def test_multirun_grid(tmp_path: Path, shared_cache: Path) -> None:
 
 
 def test_optuna_search_returns_best_params(tmp_path: Path, shared_cache: Path) -> None:
+    """3 steps with validation every 2: the value each trial returns is the validation of its final
+    (step 3) weights, not the step-2 one."""
     r = _run(
-        ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", *TINY_CLI],
+        [
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            *_cli("trainer.max_steps=3"),
+        ],
         tmp_path,
         shared_cache,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    best = next((tmp_path / "logs" / "train" / "multiruns").glob("*/optimization_results.yaml")).read_text()
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    best = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in best and "optimizer.lr" in best and "best_value" in best
+    best_value = float(best.split("best_value:")[1].split()[0])
+    final = []
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
+        rows = list(csv.DictReader((job / "metrics.csv").open()))
+        final += [float(r["val/loss"]) for r in rows if r.get("val/loss") and r["step"] == "3"]
+    assert len(final) == 2 and best_value == pytest.approx(min(final), abs=1e-6)
+    assert "setup plugin alembic" not in r.stdout + r.stderr

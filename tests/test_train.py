@@ -138,3 +138,35 @@ def test_streaming_corpus_trains_end_to_end(compose_cfg, tmp_path: Path) -> None
     )
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 6 and metrics["val/loss"] < 4.5
+
+
+def test_final_metrics_describe_the_final_weights(compose_cfg, tmp_path: Path) -> None:
+    """max_steps=7, validation every 5: the final weights (step 7) are validated too, and what is
+    reported and returned to sweepers is that validation, equal to an independent evaluation of
+    last.ckpt. Steps are counted one way everywhere (optimizer steps completed): metrics.csv,
+    checkpoint names (with the validation loss), best.ckpt beside last.ckpt."""
+    import lightning as L
+
+    from lm_lab.checkpoint import find_checkpoints, resolve_ckpt_path
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(*TINY, *SHAKES, "trainer.max_steps=7", "trainer.val_check_interval=5", run_dir=run_dir)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 7
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    fresh = lm_lab.load_checkpoint(str(ckpt))
+    evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2)
+    (independent,) = evaluator.validate(fresh, datamodule=objects["datamodule"], verbose=False)
+    assert abs(metrics["val/loss"] - independent["val/loss"]) < 1e-5
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r.get("val/loss")}
+    assert sorted(val) == [5, 7] and val[7] == pytest.approx(metrics["val/loss"], abs=1e-6)
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == list(range(1, 8))
+
+    best_step = min(val, key=val.get)
+    best = run_dir / "checkpoints" / f"step{best_step:06d}-val{val[best_step]:.3f}.ckpt"
+    assert best.is_file() and (run_dir / "checkpoints" / "best.ckpt").resolve() == best.resolve()
+    assert torch.load(best, weights_only=True)["global_step"] == best_step
+    assert find_checkpoints(run_dir)[0].name == "last.ckpt" and resolve_ckpt_path("last", run_dir) == ckpt
+    assert all(p.name != "best.ckpt" for p in find_checkpoints(run_dir))

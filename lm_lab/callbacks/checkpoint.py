@@ -4,10 +4,13 @@ the best by the monitored metric, and one more at the step boundary after SIGTER
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lm_lab.checkpoint import BEST_LINK
 
 log = logging.getLogger("lm_lab")
 
@@ -66,6 +71,31 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last:
             self._last_saved_step = trainer.global_step
             self._clock = time.monotonic()
+
+    def _update_best_and_save(
+        self, current: torch.Tensor, trainer: L.Trainer, monitor_candidates: dict[str, Any]
+    ) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        if trainer.is_global_zero:
+            self._link_best()
+
+    def _link_best(self) -> None:
+        """Point ``best.ckpt`` at the best checkpoint: a relative symlink (the run directory can be
+        moved or copied), a copy where the file system has none; replaced atomically."""
+        if not self.best_model_path or self.dirpath is None or "://" in str(self.dirpath):
+            return
+        best = Path(self.best_model_path)
+        if not best.is_file():
+            return
+        link = Path(self.dirpath) / BEST_LINK
+        # The ".*.ckpt.tmp-<pid>" pattern of AtomicCheckpointIO: a killed run's leftover is cleaned up.
+        tmp = link.with_name(f".{BEST_LINK}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.symlink(best.name if best.parent == link.parent else best.resolve(), tmp)
+        except OSError:
+            shutil.copyfile(best, tmp)
+        os.replace(tmp, link)
 
     def write_last(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` now (all ranks call this; rank 0 writes)."""

@@ -52,7 +52,7 @@ class NonFiniteGuard(L.Callback):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None  # nothing to apply: AdamW leaves these parameters and moments alone
-        step = trainer.global_step  # as logged (train/loss of this step carries the same step number)
+        step = trainer.global_step + 1  # as logged: train/loss of this step carries the same step number
         self.bad_steps += 1
         self.first_bad = step if self.first_bad is None else self.first_bad
         if trainer.is_global_zero:
@@ -74,7 +74,7 @@ class NonFiniteGuard(L.Callback):
         fixes = f"lower optimizer.lr (now {lr:g})" if lr is not None else "lower optimizer.lr"
         raise NonFiniteLossError(
             f"the loss or gradients were not finite for {self.bad_steps} optimizer steps in a row (steps "
-            f"{self.first_bad}-{trainer.global_step - 1}); stopped and saved {path}: {fixes} and start again (or "
+            f"{self.first_bad}-{trainer.global_step}); stopped and saved {path}: {fixes} and start again (or "
             "from an earlier checkpoint), raise scheduler.warmup_steps, or use trainer.precision=32-true (or "
             "bf16-mixed instead of 16-mixed)"
         )

@@ -230,6 +230,10 @@ class PretrainTask(L.LightningModule):
             self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=False)
         self.log("tokens_seen", self.tokens_seen.float(), on_step=True, on_epoch=False)
         self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=False, on_step=True, on_epoch=False)
+        # Logged metrics carry the number of optimizer steps completed, as checkpoint names and
+        # messages do: this is step global_step + 1 (Lightning would log it at global_step, and a
+        # validation after step N at N - 1).
+        self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Count the data position and seed every RNG for this micro-batch.
@@ -264,6 +268,7 @@ class PretrainTask(L.LightningModule):
         for name, value in values.items():
             # Already the global value on every rank: no further sync.
             self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=False)
+        self.log("step", float(self.trainer.global_step), sync_dist=False)  # the weights' step (see above)
 
     ppl_source = "loss"  # val/ppl = exp(this aggregated metric)
 
