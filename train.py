@@ -46,15 +46,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     The run directory is locked throughout: a second process training into it at the same time is
     refused (``RunDirInUseError``) instead of interleaving its logs and checkpoints with this one's.
+    The W&B runs it starts are finished before it returns or raises: a sweep runs its jobs in one
+    process, and a run left open would be reused by the next job.
     """
+    from lm_lab.loggers import finish_loggers
     from lm_lab.rundir import run_dir_lock
 
     output_dir = Path(cfg.paths.output_dir)
+    started: list[Any] = []  # the loggers, once made
     with run_dir_lock(output_dir):
-        return _train(cfg, output_dir)
+        try:
+            result = _train(cfg, output_dir, started)
+        except BaseException:
+            finish_loggers(started, failed=True)
+            raise
+        finish_loggers(started, failed=False)
+        return result
 
 
-def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[str, float], dict[str, Any]]:
     import dataclasses
     import functools
 
@@ -139,6 +149,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[st
     if final_validation is not None:
         callbacks.append(final_validation)
     loggers = guard_loggers([_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None])
+    started.extend(loggers)
     if not loggers:  # LearningRateMonitor refuses to run without a logger (the task logs `lr` itself anyway)
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.

@@ -41,11 +41,48 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     os.environ.setdefault("WANDB_SILENT", "true")
     if mode == "disabled":
         kwargs["mode"] = "disabled"
+    kwargs.update(_sweep_identity(kwargs.get("name"), kwargs.get("group")))
     logger = WandbLogger(offline=mode == "offline", **kwargs)
     # Lightning always passes anonymous=None, which wandb 0.31 answers with "WARNING The anonymous
     # setting has no effect" on every run.
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def _sweep_identity(name: str | None, group: str | None) -> dict[str, str]:
+    """In a Hydra multirun (grid or Optuna), each job is its own W&B run named ``<name>-<job
+    number>``, grouped by the sweep (``<name>-<sweep directory name>``) unless a group is set."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return {}
+        base = name or "run"
+        out = {"name": f"{base}-{hc.job.num}"}
+        if not group:
+            out["group"] = f"{base}-{os.path.basename(os.path.normpath(hc.sweep.dir))}"
+        return out
+    except (ImportError, ValueError, AttributeError):  # not under Hydra (train(cfg) from Python)
+        return {}
+
+
+def finish_loggers(loggers: list[Any], failed: bool) -> None:
+    """End the W&B runs this job started (exit code 1 when it failed).
+
+    A Hydra multirun or Optuna sweep runs every job in one process; a W&B run left open there is
+    picked up by the next job's ``WandbLogger`` ("There is a wandb run already in progress"), so all
+    jobs logged into job 0's run. Never raises: a logger problem must not hide the job's own result.
+    """
+    for lg in loggers:
+        experiment = getattr(lg, "_experiment", None)  # only where this process started one (rank 0)
+        if type(lg).__name__ != "WandbLogger" or experiment is None or not hasattr(experiment, "finish"):
+            continue
+        try:
+            experiment.finish(exit_code=1 if failed else 0)
+        except Exception as e:
+            log.warning("W&B: finishing the run failed (%s: %s)", type(e).__name__, e)
 
 
 # ---------------------------------------------------------------------- CSV that survives a resume

@@ -36,8 +36,8 @@ def _cli(*changes: str) -> list[str]:
     return [a for a in TINY_CLI if a.split("=", 1)[0] not in keys] + list(changes)
 
 
-def _run(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+def _run(args: list[str], cwd: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **extra_env}
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -48,6 +48,23 @@ def test_multirun_grid(tmp_path: Path, shared_cache: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/checkpoints/last.ckpt"))
     assert len(runs) == 2
+
+
+def test_multirun_jobs_are_separate_wandb_runs_grouped_by_sweep(tmp_path: Path, shared_cache: Path) -> None:
+    """All jobs of a multirun share one process; each must still be its own W&B run."""
+    args = ["-m", *_cli("logger=wandb"), "optimizer.lr=1e-3,3e-3"]
+    r = _run(args, tmp_path, shared_cache, WANDB_MODE="offline")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    runs = sorted(sweep.glob("*/wandb/offline-run-*"))
+    assert [p.parts[-3] for p in runs] == ["0", "1"], runs  # one run folder in each job's directory
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert len(ids) == 2
+    for job, run in enumerate(runs):
+        (log,) = run.glob("run-*.wandb")
+        data = log.read_bytes()
+        assert f"train-{sweep.name}".encode() in data and f"train-{job}".encode() in data  # group and name
+    assert "already in progress" not in r.stdout + r.stderr
 
 
 def test_optuna_search_returns_best_params(tmp_path: Path, shared_cache: Path) -> None:
