@@ -170,3 +170,10 @@ def test_final_metrics_describe_the_final_weights(compose_cfg, tmp_path: Path) -
     assert torch.load(best, weights_only=True)["global_step"] == best_step
     assert find_checkpoints(run_dir)[0].name == "last.ckpt" and resolve_ckpt_path("last", run_dir) == ckpt
     assert all(p.name != "best.ckpt" for p in find_checkpoints(run_dir))
+
+
+def test_logger_presets_write_metrics_csv_and_debug_fdr_has_none(compose_cfg) -> None:
+    """The README's claims: metrics.csv with every logger choice but `none`; debug=fdr logs nowhere."""
+    for choice in ("default", "wandb", "tensorboard", "csv"):
+        assert "csv" in compose_cfg(f"logger={choice}").logger, choice
+    assert not compose_cfg("debug=fdr").logger
