@@ -109,6 +109,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         )
     _check_budget(cfg.trainer)
     _check_seed(cfg.get("seed"))
+    _check_warmup(sched_cfg, cfg.trainer.get("max_steps"))
     allow_data_change = cfg.get("allow_data_change", False)
     if not isinstance(allow_data_change, bool):
         raise ConfigError(f"allow_data_change={allow_data_change!r} must be true or false")
@@ -258,6 +259,26 @@ def _check_seed(seed: Any) -> None:
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to {2**32 - 1}")
+
+
+def _check_warmup(sched_cfg: Any, max_steps: int | None) -> None:
+    """Warn (one line) when warm-up takes more than half of the run. It is not rescaled: the
+    schedule stays what the config says, as in a longer run with the same settings."""
+    warmup = sched_cfg.warmup_steps
+    if not max_steps or max_steps <= 0 or warmup <= max_steps / 2:
+        return
+    what = (
+        "the run ends before the learning rate reaches optimizer.lr"
+        if warmup >= max_steps
+        else f"the learning rate peaks only after {warmup / max_steps:.0%} of the run"
+    )
+    log.warning(
+        "scheduler.warmup_steps=%d with trainer.max_steps=%d: %s; for a short run set e.g. scheduler.warmup_steps=%d",
+        warmup,
+        max_steps,
+        what,
+        max(1, max_steps // 10),
+    )
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:

@@ -172,6 +172,18 @@ def test_final_metrics_describe_the_final_weights(compose_cfg, tmp_path: Path) -
     assert all(p.name != "best.ckpt" for p in find_checkpoints(run_dir))
 
 
+def test_short_run_warns_that_warmup_covers_it(caplog: pytest.LogCaptureFixture) -> None:
+    from lm_lab.config import SchedulerConfig
+    from train import _check_warmup
+
+    with caplog.at_level("WARNING", logger="lm_lab"):
+        _check_warmup(SchedulerConfig(warmup_steps=60), 20)
+        _check_warmup(SchedulerConfig(warmup_steps=60), 600)
+    (record,) = caplog.records
+    assert "scheduler.warmup_steps=60 with trainer.max_steps=20" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
 def test_logger_presets_write_metrics_csv_and_debug_fdr_has_none(compose_cfg) -> None:
     """The README's claims: metrics.csv with every logger choice but `none`; debug=fdr logs nowhere."""
     for choice in ("default", "wandb", "tensorboard", "csv"):
