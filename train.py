@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -300,12 +301,29 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
     last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
     print(f"run directory: {output_dir}")
     if last is not None and last.exists():
+        ckpt = shlex.quote(str(last))
         use = (
-            f"python -m lm_lab.fill_mask {last} 'The [MASK] is here.'"
+            f"{_command('fill-mask')} {ckpt} 'The [MASK] is here.'"
             if task.family == "bert"
-            else f"python -m lm_lab.generate {last} --prompt 'Hello'"
+            else f"{_command('generate')} {ckpt} --prompt 'Hello'"
         )
-        print(f"checkpoint:    {last}\n  use it:  {use}\n  export:  python -m lm_lab.export {last} {output_dir / 'hf'}")
+        export = f"{_command('export')} {ckpt} {shlex.quote(str(output_dir / 'hf'))}"
+        print(f"checkpoint:    {last}\n  use it:  {use}\n  export:  {export}")
+
+
+def _command(tool: str) -> str:
+    """How to run an lm_lab tool from this shell, as it can be pasted: the console script beside
+    this interpreter (the venv's bin/, which `make train` never activates), else this interpreter
+    with ``-m``; relative to the current directory when inside it."""
+    script = Path(sys.executable).parent / f"lm-lab-{tool}"
+    path = script if script.is_file() else Path(sys.executable)
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+        shown = shown if "/" in shown else f"./{shown}"
+    except ValueError:
+        shown = str(path)
+    shown = shlex.quote(shown)
+    return shown if script.is_file() else f"{shown} -m lm_lab.{tool.replace('-', '_')}"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

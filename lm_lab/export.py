@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -47,6 +48,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        # mkdtemp makes the folder private (0700); the export is a normal folder (0777 less the umask).
+        tmp.chmod(0o777 & ~_umask())
         config, state = hf_files(task)
         config["transformers_version"] = _transformers_version()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -62,6 +65,12 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _transformers_version() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -50,6 +51,10 @@ def test_default_run_offline_with_wandb_and_csv(tmp_path: Path, shared_cache: Pa
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "W&B should log offline without a login"
     assert "--- sample" in r.stdout and "run directory: " in r.stdout and "final metrics: {'val/loss'" in r.stdout
+    # The printed command runs as printed, from where the run was launched (no venv activated).
+    (use,) = [line.split("use it:", 1)[1] for line in r.stdout.splitlines() if "use it:" in line]
+    g = subprocess.run(shlex.split(use), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0 and g.stdout.startswith("Hello"), (use, g.stderr[-2000:])
 
 
 # Lines a run must not print on the console (train.log may keep them).
@@ -97,6 +102,21 @@ def test_offline_hub_preset_fails_with_one_line(tmp_path: Path, shared_cache: Pa
     assert len(lines) == 1 and lines[0].startswith("error: the Hugging Face Hub is unreachable"), lines
     assert "data=files data.data_files=" in lines[0]
     assert "python train.py data=files data.data_files=" in (REPO / "README.md").read_text()
+
+
+def test_console_scripts_run() -> None:
+    """The commands train.py prints (lm-lab-generate, ...) are installed console scripts; each
+    target runs as pip's generated wrapper runs it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"lm-lab-generate", "lm-lab-export", "lm-lab-fill-mask"} <= set(scripts)
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        code = f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; sys.exit({func}())"
+        r = subprocess.run(
+            [sys.executable, "-c", code, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0 and "usage:" in r.stdout, (name, r.stderr[-2000:])
 
 
 @pytest.mark.slow

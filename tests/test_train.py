@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ def test_checkpoint_loads_weights_only_and_as_module(trained: dict) -> None:
 def test_export_matches_transformers_and_generate_cli(trained: dict, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "lm_lab.export", str(trained["ckpt"]), str(out)], check=True, cwd=REPO)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder (755 with umask 022), not 700
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     task = lm_lab.load_checkpoint(str(trained["ckpt"]))
