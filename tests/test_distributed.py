@@ -207,8 +207,8 @@ def test_ddp_losses_and_token_counts_equal_the_one_process_run(gpt_runs: dict[st
     assert_same_curves(gpt_runs["one"], gpt_runs["two"])
     one, two = metrics(gpt_runs["one"]), metrics(gpt_runs["two"])
     assert len(two["val/loss"]) == 2 and len(two["train/loss"]) == STEPS
-    # Each token counted once: (step + 1) x 16 sequences x 64 tokens, on 1 and on 2 processes.
-    assert two["tokens_seen"] == one["tokens_seen"] == {s: (s + 1) * 16 * 64.0 for s in range(STEPS)}
+    # Each token counted once: steps done x 16 sequences x 64 tokens, on 1 and on 2 processes.
+    assert two["tokens_seen"] == one["tokens_seen"] == {s: s * 16 * 64.0 for s in range(1, STEPS + 1)}
 
 
 def test_a_run_extended_past_its_max_steps_continues_its_epoch(
