@@ -326,6 +326,14 @@ def _command(tool: str) -> str:
     return shown if script.is_file() else f"{shown} -m lm_lab.{tool.replace('-', '_')}"
 
 
+def _launch_rank() -> int:
+    """This process's global rank as its launcher (Lightning, torchrun, SLURM) set it; 0 alone."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from lm_lab.errors import USER_ERRORS
@@ -348,7 +356,8 @@ def main(cfg: DictConfig) -> float | None:
             )
         if not isinstance(e, RunDirInUseError):  # another live run's train.log: not a byte of it changes
             log.error("%s", message)
-        print(f"error: {message}", file=sys.stderr)
+        if _launch_rank() == 0:  # every DDP process hits the same error: one line for the job
+            print(f"error: {message}", file=sys.stderr)
         if isinstance(e, RunDirInUseError):
             sys.exit(2)
         if fresh and not (output_dir / "checkpoints").exists():

@@ -366,3 +366,34 @@ def test_bert_without_a_pair_objective_trains_under_ddp(corpus: Path, cache: Pat
     train(args, tmp_path / "none", cache)
     m = metrics(tmp_path / "none")
     assert len(m["train/mlm_loss"]) == 3 and "train/nsp_loss" not in m
+
+
+def test_a_stream_too_small_for_every_rank_is_one_line_before_training(
+    corpus: Path, cache: Path, tmp_path: Path
+) -> None:
+    """Each rank reads its own shard of a streamed corpus; one without a batch used to leave its
+    epoch loop spinning forever. Now: one line for the job (not one per process), exit 2, no run dir."""
+    run_dir = tmp_path / "short_stream"
+    args = [
+        *GPT,
+        f"data.data_files={corpus}",
+        "data.path=text",
+        "data.sample_by=paragraph",
+        "data.streaming=true",
+        "data.streaming_val_docs=145",  # of 149 paragraphs: 2 per rank, fewer than 8 blocks of 64
+        "trainer.max_steps=5",
+        *DDP,
+    ]
+    env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    r = subprocess.run(
+        [sys.executable, TRAIN, *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds less than one batch" in errors[0], r.stderr[-2000:]
+    assert not run_dir.exists()
