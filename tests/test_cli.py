@@ -142,6 +142,10 @@ BAD = {
         ["data=files", "data.data_files={tmp}/short.txt", "data.tokenizer=char"],
         "too short for one block",
     ),
+    "streamed corpus with no training document": (  # one .txt file is one document: all of it to validation
+        ["data=files", f"data.data_files={SHAKESPEARE}", "data.streaming=true", "data.tokenizer=char"],
+        "data.streaming: the training stream is empty",
+    ),
     "unknown key (+)": (["+model.n_layrs=2"], "unknown config key model.n_layrs"),
     "wrong type": (["model.n_layer=two"], "model.n_layer='two' has the wrong type"),
     "negative lr": (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be > 0"),
