@@ -24,6 +24,16 @@ from tests.conftest import REPO, SHAKESPEARE
 
 TRAIN = str(REPO / "train.py")
 TOL = 1e-5  # per-step losses: float reassociation only (measured ~1e-6)
+# Per-step metrics in metrics.csv, each rank's samples in data_trace/, nothing else.
+QUIET = [
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "callbacks.text_samples=null",
+    "sample_tokens=0",
+    "debug=data_trace",
+]
 GPT = [
     "model=gpt_tiny",
     "model.dropout=0",  # dropout masks are drawn per rank: the one thing that may differ by design
@@ -33,13 +43,7 @@ GPT = [
     "data.batch_size=16",
     "trainer.val_check_interval=10",
     "trainer.limit_val_batches=1.0",  # the whole validation split: 31 blocks, odd, so one rank pads
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=csv",
-    "callbacks.text_samples=null",
-    "sample_tokens=0",
-    "debug=data_trace",
+    *QUIET,
     "scheduler.warmup_steps=2",
     "scheduler.decay_steps=24",
     "final_validation=false",
@@ -261,13 +265,7 @@ BERT = [
     "trainer.max_steps=8",
     "trainer.val_check_interval=4",
     "trainer.limit_val_batches=1.0",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=csv",
-    "callbacks.text_samples=null",
-    "sample_tokens=0",
-    "debug=data_trace",
+    *QUIET,
     "scheduler.warmup_steps=2",
     "final_validation=false",
 ]
