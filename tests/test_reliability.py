@@ -170,6 +170,12 @@ def flip_a_byte_in(ckpt: Path, key: str) -> None:
         f.write(bytes([byte ^ 0x01]))  # the lowest mantissa bit of one float32: a finite, plausible weight
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """The run's other checkpoint besides last.ckpt: the best by val/loss (step<N>-val<loss>.ckpt)."""
+    (best,) = (run_dir / "checkpoints").glob("step*.ckpt")
+    return best
+
+
 def test_a_flipped_bit_in_the_weights_is_detected_everywhere(
     trained: Path, tmp_path: Path, shared_cache: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
@@ -177,7 +183,7 @@ def test_a_flipped_bit_in_the_weights_is_detected_everywhere(
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    last, previous = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "step000003.ckpt"
+    last, previous = run_dir / "checkpoints" / "last.ckpt", best_checkpoint(run_dir)
     size = last.stat().st_size
     flip_a_byte_in(last, "net.transformer.h.0.mlp.c_fc.weight")
     assert last.stat().st_size == size
@@ -224,7 +230,7 @@ def test_nonfinite_weights_in_a_checkpoint_are_refused_and_last_falls_back(
     AtomicCheckpointIO().save_checkpoint(ckpt, last)  # a valid checksum, over a NaN
     with pytest.raises(CheckpointError, match=r"last.ckpt holds non-finite weights \(NaN/inf in net.transformer.wpe"):
         resolve_ckpt_path(str(last), run_dir)
-    assert resolve_ckpt_path("last", run_dir) == run_dir / "checkpoints" / "step000003.ckpt"
+    assert resolve_ckpt_path("last", run_dir) == best_checkpoint(run_dir)
     assert any("non-finite weights" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
