@@ -68,10 +68,6 @@ class ResumableSampler(Sampler[int]):
             idx = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         return idx[: self.epoch_samples]
 
-    def order(self) -> torch.Tensor:
-        """This rank's share of the whole epoch."""
-        return self.global_order()[self.rank :: self.world_size]
-
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
         yield from self.global_order()[skip + self.rank :: self.world_size].tolist()
