@@ -28,7 +28,7 @@ def _build(node: Any, section: str, **kwargs: Any) -> Any:
     """``instantiate`` with errors that name the config key instead of a Hydra traceback."""
     from hydra.errors import InstantiationException
 
-    from lm_lab.config import ConfigError
+    from lm_lab.schema import ConfigError
 
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
@@ -50,8 +50,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     The W&B runs it starts are finished before it returns or raises: a sweep runs its jobs in one
     process, and a run left open would be reused by the next job.
     """
-    from lm_lab.loggers import finish_loggers
-    from lm_lab.rundir import run_dir_lock
+    from lm_lab.training.loggers import finish_loggers
+    from lm_lab.training.rundir import run_dir_lock
 
     output_dir = Path(cfg.paths.output_dir)
     started: list[Any] = []  # the loggers, once made
@@ -69,8 +69,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     import dataclasses
     import functools
 
-    from lm_lab.config import ConfigError
     from lm_lab.data.hub import check_hub_sources
+    from lm_lab.schema import ConfigError
 
     # 0. A dataset or tokenizer that needs the (unreachable) Hub: one line now, before torch,
     # Lightning and the loggers start.
@@ -81,8 +81,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from lm_lab import registry
+    from lm_lab.callbacks.data_position import DataPosition
     from lm_lab.callbacks.validation import FinalValidation
-    from lm_lab.checkpoint import (
+    from lm_lab.data.tokenizer import save_hf
+    from lm_lab.training.checkpoints import (
         AtomicCheckpointIO,
         check_init_from,
         check_resume,
@@ -91,16 +94,22 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
     )
-    from lm_lab.console import on_terminal, tidy_console
-    from lm_lab.data.datamodule import datamodule_for
-    from lm_lab.data.tokenizer import save_hf
-    from lm_lab.loggers import guard_loggers
-    from lm_lab.rundir import write_hydra_record
-    from lm_lab.tasks import task_for
+    from lm_lab.training.console import on_terminal, tidy_console
+    from lm_lab.training.loggers import guard_loggers
+    from lm_lab.training.plan import planned_world_size
+    from lm_lab.training.rundir import write_hydra_record
 
-    # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy.
+    # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
+    # (model=) and the objective (objective=, by default the network's) are looked up in the registry.
     tidy_console()
     model_cfg = _build(cfg.model, "model")
+    objective_node = cfg.get("objective")
+    objective_cfg = (
+        _build(objective_node, "objective")
+        if objective_node and objective_node.get("_target_")
+        else registry.default_objective_config(model_cfg)
+    )
+    _, objective = registry.check_combination(model_cfg, objective_cfg, _choice("model"))
     optim_cfg = _build(cfg.optimizer, "optimizer")
     sched_cfg = _build(cfg.scheduler, "scheduler")
     if data_cfg.block_size > model_cfg.max_seq_len:
@@ -114,13 +123,17 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     allow_data_change = cfg.get("allow_data_change", False)
     if not isinstance(allow_data_change, bool):
         raise ConfigError(f"allow_data_change={allow_data_change!r} must be true or false")
+    # data.batch_size is global: the micro-batch and accumulation follow from the number of processes.
+    world = planned_world_size(cfg.trainer)
+    micro, accum = data_cfg.micro_batch(world)
     # Built once, by the resume check below (which needs its corpus) or in step 3.
-    make_dm = functools.cache(lambda: datamodule_for(model_cfg.family)(data_cfg, seed=cfg.seed))
+    make_dm = functools.cache(lambda: objective.datamodule_class()(data_cfg, objective_cfg, seed=cfg.seed))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
         check_resume(
             ckpt_path,
             model_cfg,
+            objective_cfg,
             data_cfg,
             cfg.seed,
             optim_cfg,
@@ -137,6 +150,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
 
     # 2. Trainer, callbacks, loggers.
     callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks.append(DataPosition())  # the data position and per-step seeding: exact resume needs it
     # Lightning's bar on a terminal only (trainer.enable_progress_bar: null); elsewhere it prints
     # nothing readable, and callbacks.progress prints plain lines instead.
     show_bar = cfg.trainer.get("enable_progress_bar")
@@ -154,6 +168,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     started.extend(loggers)
     if not loggers:  # LearningRateMonitor refuses to run without a logger (the task logs `lr` itself anyway)
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    # trainer.val_check_interval counts optimizer steps, as max_steps does (Lightning counts
+    # micro-batches): validation then falls on step boundaries on any number of devices.
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        interval *= accum
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,
@@ -162,21 +181,21 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=show_bar,
+        accumulate_grad_batches=accum,
+        val_check_interval=interval,
     )
-    micro, accum = data_cfg.micro_batch(trainer.world_size)
-    trainer.accumulate_grad_batches = accum
-    if isinstance(trainer.val_check_interval, int) and accum > 1:
-        # trainer.val_check_interval counts optimizer steps, as max_steps does (Lightning counts
-        # micro-batches): validation then falls on step boundaries on any number of devices.
-        trainer.val_check_interval *= accum
+    if trainer.world_size != world:
+        raise ConfigError(
+            f"the Trainer runs {trainer.world_size} processes but trainer.num_nodes x trainer.devices "
+            f"planned {world}: set trainer.devices and trainer.num_nodes explicitly"
+        )
 
     # 3. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
     dm = make_dm()
-    dm.configure_batching(micro, accum)
-    if ckpt_path is not None:
-        dm._tokenizer = tokenizer_from_checkpoint(ckpt_path)
-    elif init_from:
-        dm._tokenizer = tokenizer_from_checkpoint(init_from)
+    stored = ckpt_path or init_from
+    dm.connect(
+        tokenizer=tokenizer_from_checkpoint(stored) if stored else None, micro_batch_size=micro, accumulate=accum
+    )
     tokenizer = dm.tokenizer
     n_vocab = tokenizer.get_vocab_size()
     if model_cfg.vocab_size is None:
@@ -188,9 +207,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         )
 
     # 4. The recipe.
-    task_cls = task_for(model_cfg.family)
-    task = task_cls(
-        model_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer, **task_cls.task_options(data_cfg)
+    task = objective.task_class()(
+        model_cfg, objective_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer
     )
     if init_from:
         init_weights_from(task, init_from)
@@ -200,14 +218,16 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         output_dir.mkdir(parents=True, exist_ok=True)
         write_hydra_record(cfg, output_dir)  # only now: a refused launch leaves an existing run's record alone
         remove_partial_checkpoints(output_dir / "checkpoints")
-        save_hf(tokenizer, output_dir / "tokenizer", model_cfg.family)
+        save_hf(tokenizer, output_dir / "tokenizer")
         resolved = _plain(cfg)
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
         flops = getattr(task, "flops_per_token", None)
         log.info(
-            "model: %s, %s parameters%s; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
+            "model: %s (%s) trained with %s, %s parameters%s; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
             type(task.net).__name__,
+            task.network,
+            objective.name,
             f"{task.num_params():,}",
             f", {flops / 1e6:,.1f} MFLOPs per token (training)" if flops else "",
             data_cfg.batch_size,
@@ -234,7 +254,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         # them inside fit, see FinalValidation): the reported and returned metrics are these.
         for results in trainer.validate(task, datamodule=dm, verbose=False):
             metrics.update({k: float(v) for k, v in results.items()})
-    metrics.pop("step", None)  # the logged step number (see PretrainTask.on_before_optimizer_step)
+    metrics.pop("step", None)  # the logged step number (see LMTask.on_before_optimizer_step)
     if trainer.is_global_zero:
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
@@ -242,7 +262,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
 
 def _check_budget(trainer_cfg: Any) -> None:
     """A run must end: positive ``max_steps``, or ``max_steps=-1`` with a positive ``max_epochs``."""
-    from lm_lab.config import ConfigError
+    from lm_lab.schema import ConfigError
 
     steps, epochs = trainer_cfg.get("max_steps"), trainer_cfg.get("max_epochs")
     if steps is not None and steps != -1 and steps <= 0:
@@ -256,7 +276,7 @@ def _check_budget(trainer_cfg: Any) -> None:
 
 def _check_seed(seed: Any) -> None:
     """The range NumPy's seeding (and ``seed_everything``) accepts."""
-    from lm_lab.config import ConfigError
+    from lm_lab.schema import ConfigError
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to {2**32 - 1}")
@@ -304,7 +324,7 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
         ckpt = shlex.quote(str(last))
         use = (
             f"{_command('fill-mask')} {ckpt} 'The [MASK] is here.'"
-            if task.family == "bert"
+            if callable(getattr(task, "fill_mask", None))
             else f"{_command('generate')} {ckpt} --prompt 'Hello'"
         )
         export = f"{_command('export')} {ckpt} {shlex.quote(str(output_dir / 'hf'))}"
@@ -326,6 +346,50 @@ def _command(tool: str) -> str:
     return shown if script.is_file() else f"{shown} -m lm_lab.{tool.replace('-', '_')}"
 
 
+def _choice(group: str) -> str | None:
+    """The option chosen for a config group (``model=gpt_tiny`` -> ``gpt_tiny``), when Hydra knows it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # no Hydra context (train(cfg) called with a hand-made config)
+        return None
+
+
+# Keys that moved, and where to: a command line using the old name gets one line naming the new one.
+MOVED_KEYS = {
+    **{
+        f"data.{k}": f"objective.{k}"
+        for k in (
+            "pair_objective",
+            "mlm_probability",
+            "max_predictions",
+            "whole_word_masking",
+            "max_ngram",
+            "short_seq_prob",
+            "dupe_factor",
+        )
+    },
+    "model.family": "objective (the network follows model=; the objective is objective=causal_lm|masked_lm)",
+}
+
+
+def moved_key_error(args: list[str]) -> str | None:
+    """The message for the first command-line override that uses a moved key, else None."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in MOVED_KEYS:
+            new = MOVED_KEYS[key]
+            value = arg.split("=", 1)[1] if "=" in arg else "..."
+            shown = f"{new}={value}" if new.startswith("objective.") else new
+            return (
+                f"{key} has moved: use {shown} (with a BERT model or objective=masked_lm)"
+                if new.startswith("objective.")
+                else f"{key} is gone: {new}"
+            )
+    return None
+
+
 def _launch_rank() -> int:
     """This process's global rank as its launcher (Lightning, torchrun, SLURM) set it; 0 alone."""
     for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
@@ -337,7 +401,7 @@ def _launch_rank() -> int:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from lm_lab.errors import USER_ERRORS
-    from lm_lab.rundir import RunDirInUseError, is_fresh
+    from lm_lab.training.rundir import RunDirInUseError, is_fresh
 
     output_dir = Path(cfg.paths.output_dir)
     # Only a directory this launch created may be removed on failure: hydra.run.dir may name an existing
@@ -370,4 +434,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    moved = moved_key_error(sys.argv[1:])
+    if moved:
+        print(f"error: {moved}", file=sys.stderr)
+        sys.exit(2)
     main()

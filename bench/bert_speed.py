@@ -34,8 +34,8 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def real_batches(args: argparse.Namespace) -> tuple[list[dict[str, torch.Tensor]], Any]:
-    from lm_lab.data.bert_datamodule import MaskedLMDataModule
-    from lm_lab.data.config import DataConfig
+    from lm_lab.data.options import DataConfig
+    from lm_lab.objectives.masked_lm.data import MaskedLMDataModule
 
     corpus: dict[str, Any] = {"path": "pydocs"}
     if args.corpus == "shakespeare":
@@ -69,7 +69,7 @@ def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tenso
 
 class Ours:
     def __init__(self, cfg: Any, masked_head: bool, dynamic: bool, block: int) -> None:
-        from lm_lab.models.bert import BertModel
+        from lm_lab.models.bert.model import BertModel
 
         self.model, self.masked_head, self.dynamic, self.block = BertModel(cfg).train(), masked_head, dynamic, block
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -96,7 +96,7 @@ class HF:
     def __init__(self, cfg: Any, block: int) -> None:
         import transformers
 
-        from lm_lab.models.bert import hf_config_dict
+        from lm_lab.models.bert.model import hf_config_dict
 
         kwargs = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("model_type", "architectures")}
         self.model = transformers.BertForPreTraining(transformers.BertConfig(**kwargs)).train()

@@ -34,7 +34,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PLAIN_LOOP = r"""
 import math, sys, time, torch
 sys.path.insert(0, sys.argv[2])
-from lm_lab.models.gpt import GPT, GPTConfig
+from lm_lab.models.gpt.model import GPT, GPTConfig
 torch.manual_seed(1337)
 text = open(sys.argv[1], encoding="utf-8").read()
 chars = sorted(set(text)); stoi = {c: i for i, c in enumerate(chars)}

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def load_checkpoint(path: str, map_location: str = "cpu") -> Any:
     """Load a trained checkpoint: the LightningModule in eval mode with ``.tokenizer``."""
-    from lm_lab.checkpoint import load_checkpoint as _load
+    from lm_lab.training.checkpoints import load_checkpoint as _load
 
     return _load(path, map_location=map_location)
 

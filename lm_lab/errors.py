@@ -8,7 +8,7 @@ Hub preset fails in about a second.
 
 from __future__ import annotations
 
-from lm_lab.config import ConfigError
+from lm_lab.schema import ConfigError
 
 
 class DataError(ValueError):
@@ -27,7 +27,7 @@ class NonFiniteLossError(RuntimeError):
     """Training produced non-finite losses for ``patience`` optimizer steps in a row."""
 
 
-from lm_lab.rundir import RunDirInUseError  # noqa: E402  (defined with the lock it reports)
+from lm_lab.training.rundir import RunDirInUseError  # noqa: E402  (defined with the lock it reports)
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,

@@ -3,7 +3,7 @@
     python -m lm_lab.export CHECKPOINT OUT_DIR
 
 writes ``config.json``, ``model.safetensors`` and the tokenizer files, loadable with
-``AutoModelForCausalLM`` (GPT) / ``BertForPreTraining`` (BERT) and ``AutoTokenizer``.
+``AutoModelForCausalLM`` (GPT-2, Llama) / ``BertForPreTraining`` (BERT) and ``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -21,25 +21,22 @@ from safetensors.torch import save_file
 
 
 def hf_files(task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config dict, state dict) in Hugging Face layout for a loaded task."""
-    family = task.family
-    if family == "gpt":
-        from lm_lab.models.gpt import hf_config_dict, hf_state_dict
-    else:
-        from lm_lab.models.bert import hf_config_dict, hf_state_dict
-    config = hf_config_dict(task.model_cfg)
+    """(config dict, state dict) in Hugging Face layout for a loaded task, by its network's mapping
+    in the registry (``lm_lab/models/<network>/hf.py``)."""
+    mapping = task.network_spec.hf_module()
+    config = mapping.hf_config_dict(task.model_cfg)
     tok = task.tokenizer
     if tok is not None:
         for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(tok, role, None)
             if value is not None:
                 config[role] = value
-    return config, hf_state_dict(task.net)
+    return config, mapping.hf_state_dict(task.net)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the HF directory atomically (a temporary sibling renamed into place)."""
-    from lm_lab.checkpoint import load_checkpoint
+    from lm_lab.training.checkpoints import load_checkpoint
 
     task = load_checkpoint(checkpoint)
     out = Path(out_dir)

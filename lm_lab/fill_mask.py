@@ -19,39 +19,9 @@ import torch
 
 def load_source(source: str | Path) -> Any:
     """A ``MaskedLMTask`` (eval mode) from a ``.ckpt`` or an exported HF directory."""
-    from lm_lab.checkpoint import load_task_of_family
+    from lm_lab.training.checkpoints import load_task
 
-    path = Path(source)
-    if path.is_dir():
-        return _from_hf_dir(path)
-    return load_task_of_family(path, "bert", "use python -m lm_lab.generate for GPT")
-
-
-def _from_hf_dir(path: Path) -> Any:
-    from lm_lab.checkpoint import read_export_dir
-    from lm_lab.models.bert import BertConfig, load_hf_state_dict
-    from lm_lab.models.layers import HF_ACTIVATION_NAMES
-    from lm_lab.tasks.masked_lm import MaskedLMTask
-
-    hf, weights, tokenizer = read_export_dir(path, "bert", "use python -m lm_lab.generate for GPT")
-    act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("hidden_act", "gelu"), "gelu")
-    cfg = BertConfig(
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["num_hidden_layers"],
-        n_head=hf["num_attention_heads"],
-        n_embd=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"],
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        pad_token_id=hf.get("pad_token_id") or 0,
-        activation=act,
-        dropout=0.0,
-        attn_dropout=0.0,
-    )
-    task = MaskedLMTask(cfg, tokenizer=tokenizer)
-    load_hf_state_dict(task.net, weights)
-    return task.eval()
+    return load_task(source, able_to="fill_mask", hint="use python -m lm_lab.generate for a decoder (GPT-2, Llama)")
 
 
 def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) -> str:

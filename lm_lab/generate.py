@@ -1,4 +1,4 @@
-"""Sample text from a trained GPT: a checkpoint or an exported Hugging Face directory.
+"""Sample text from a trained decoder (GPT-2, Llama): a checkpoint or an exported Hugging Face directory.
 
     python -m lm_lab.generate SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T]
                               [--top-k K] [--top-p P] [--seed S]
@@ -18,41 +18,16 @@ import torch
 
 
 def load_source(source: str | Path) -> Any:
-    """A ``CausalLMTask`` from a ``.ckpt`` or an exported HF directory."""
-    from lm_lab.checkpoint import load_task_of_family
+    """A decoder's ``CausalLMTask`` (eval mode) from a ``.ckpt`` or an exported HF directory."""
+    from lm_lab.training.checkpoints import load_task
 
-    path = Path(source)
-    if path.is_dir():
-        return _from_hf_dir(path)
-    return load_task_of_family(path, "gpt", "use python -m lm_lab.fill_mask for BERT")
-
-
-def _from_hf_dir(path: Path) -> Any:
-    from lm_lab.checkpoint import read_export_dir
-    from lm_lab.models.gpt import GPTConfig, load_hf_state_dict
-    from lm_lab.models.layers import HF_ACTIVATION_NAMES
-    from lm_lab.tasks.causal_lm import CausalLMTask
-
-    hf, weights, tokenizer = read_export_dir(path, "gpt2", "lm_lab.generate reads GPT-2 layouts")
-    act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("activation_function", "gelu_new"), "gelu_tanh")
-    cfg = GPTConfig(
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        max_seq_len=hf["n_positions"],
-        dropout=0.0,
-        bias=True,
-        activation=act,
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-    )
-    task = CausalLMTask(cfg, tokenizer=tokenizer)
-    load_hf_state_dict(task.net, weights)
-    return task.eval()
+    return load_task(source, able_to="generate", hint="use python -m lm_lab.fill_mask for an encoder (BERT)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lm_lab.generate", description="Sample text from a trained GPT.")
+    p = argparse.ArgumentParser(
+        prog="python -m lm_lab.generate", description="Sample text from a trained decoder (GPT-2, Llama)."
+    )
     p.add_argument("source", help="a .ckpt file or an exported directory")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=200)

@@ -1,5 +1,5 @@
-"""Tests for BERT pair construction (lm_lab.data.bert_pairs) and MLM masking
-(lm_lab.data.masking). Real code only, small hand-made corpora, runs in seconds."""
+"""Tests for BERT pair construction (lm_lab.objectives.masked_lm.pairs) and MLM masking
+(lm_lab.objectives.masked_lm.masking). Real code only, small hand-made corpora, runs in seconds."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lm_lab.data.bert_pairs import create_instances, create_pairs, split_sentences
-from lm_lab.data.masking import MLMCollator
+from lm_lab.objectives.masked_lm.masking import MLMCollator
+from lm_lab.objectives.masked_lm.pairs import create_instances, create_pairs, split_sentences
 
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, CLS, SEP, MASK, UNK)

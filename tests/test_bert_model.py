@@ -7,12 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from transformers import BertConfig as HFBertConfig
-from transformers import BertForPreTraining
-
-from lm_lab.config import ConfigError
-from lm_lab.models.bert import (
+from lm_lab.models.bert.model.model import (
     HF_TIED_KEYS,
     BertConfig,
     BertModel,
@@ -20,6 +15,11 @@ from lm_lab.models.bert import (
     hf_state_dict,
     load_hf_state_dict,
 )
+from safetensors.torch import save_file
+from transformers import BertConfig as HFBertConfig
+from transformers import BertForPreTraining
+
+from lm_lab.schema import ConfigError
 
 TINY = dict(vocab_size=99, n_layer=2, n_head=4, n_embd=32, intermediate_size=37, max_seq_len=64)
 

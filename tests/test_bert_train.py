@@ -12,24 +12,24 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from lm_lab.models.bert.model.model import BertConfig, BertModel
 from transformers import AutoTokenizer, BertForPreTraining
 
 import lm_lab
-from lm_lab.checkpoint import CheckpointError, init_weights_from
-from lm_lab.data.bert_datamodule import (
+from lm_lab.data.options import DataConfig
+from lm_lab.data.sources import DataError
+from lm_lab.errors import USER_ERRORS
+from lm_lab.export import export
+from lm_lab.fill_mask import main as fill_mask_main
+from lm_lab.objectives.masked_lm.data import (
     ArrowDocuments,
     MaskedLMDataModule,
     default_max_predictions,
     iter_pairs,
 )
-from lm_lab.data.bert_pairs import create_pairs
-from lm_lab.data.config import DataConfig
-from lm_lab.data.sources import DataError
-from lm_lab.errors import USER_ERRORS
-from lm_lab.export import export
-from lm_lab.fill_mask import main as fill_mask_main
-from lm_lab.models.bert import BertConfig, BertModel
-from lm_lab.tasks.masked_lm import MaskedLMTask
+from lm_lab.objectives.masked_lm.pairs import create_pairs
+from lm_lab.objectives.masked_lm.task import MaskedLMTask
+from lm_lab.training.checkpoints import CheckpointError, init_weights_from
 from tests.conftest import REPO, SHAKESPEARE, compose_config
 from train import train
 
@@ -241,8 +241,8 @@ def test_pairs_from_arrow_equal_create_pairs(tmp_path: Path) -> None:
 
 
 def test_documents_are_split_into_tokenized_sentences(tmp_path: Path) -> None:
-    from lm_lab.data.bert_datamodule import tokenize_documents
     from lm_lab.data.tokenizer import train_tokenizer
+    from lm_lab.objectives.masked_lm.data import tokenize_documents
 
     texts = ["First line. Second one! Third?", "", "  \n ", "Only one sentence"]
     tok = train_tokenizer("wordpiece", texts * 5, vocab_size=200)

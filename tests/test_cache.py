@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from lm_lab.data import cache
-from lm_lab.data.bert_datamodule import MaskedLMDataModule
-from lm_lab.data.config import DataConfig
-from lm_lab.data.datamodule import CausalLMDataModule
+from lm_lab.data.options import DataConfig
 from lm_lab.data.sources import load_corpus
+from lm_lab.objectives.causal_lm.data import CausalLMDataModule
+from lm_lab.objectives.masked_lm.data import MaskedLMDataModule
 
 OLD = "the quick brown fox jumps over the lazy dog.\n" * 40
 NEW = "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG!\n" * 40  # same length, other characters

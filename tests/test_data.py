@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lm_lab.data.config import DataConfig
-from lm_lab.data.datamodule import CausalLMDataModule
+from lm_lab.data.options import DataConfig
 from lm_lab.data.sources import DataError, load_corpus
 from lm_lab.data.tokenizer import EOT, TokenizerError, load_tokenizer, save_hf, train_tokenizer
+from lm_lab.objectives.causal_lm.data import CausalLMDataModule
 from tests.conftest import SHAKESPEARE
 
 TEXTS = ["Hello world. The quick brown fox jumps over the lazy dog.", "Größe: naïve café — ünïcödé ✓\nnew line"]

@@ -166,8 +166,8 @@ def test_eval_padding_slots_carry_no_targets() -> None:
 
 
 def test_datamodule_refuses_to_guess_its_rank_in_a_distributed_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lm_lab.data.config import DataConfig
-    from lm_lab.data.datamodule import CausalLMDataModule
+    from lm_lab.data.options import DataConfig
+    from lm_lab.objectives.causal_lm.data import CausalLMDataModule
 
     dm = CausalLMDataModule(DataConfig())
     assert dm._rank_world() == (0, 1)  # on its own, outside any job

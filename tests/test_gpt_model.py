@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_lab.models.gpt.model.model import GPT, GPTConfig, hf_config_dict, hf_state_dict, load_hf_state_dict, sample_next
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lm_lab.config import ConfigError
-from lm_lab.models.gpt import GPT, GPTConfig, hf_config_dict, hf_state_dict, load_hf_state_dict, sample_next
+from lm_lab.schema import ConfigError
 
 
 def tiny(**kw) -> GPTConfig:
@@ -115,7 +115,7 @@ def test_config_errors_name_the_key() -> None:
 def test_flops_per_token_counts_the_training_block_not_max_seq_len() -> None:
     """PaLM's 6N + 12 L C T with T the block the model trains on (here 64 of max_seq_len 1024),
     N the non-embedding-position parameters, hand-counted for a 2-layer, 32-wide GPT."""
-    from lm_lab.tasks.causal_lm import CausalLMTask
+    from lm_lab.objectives.causal_lm.task import CausalLMTask
 
     L, C, V = 2, 32, 100
     task = CausalLMTask(GPTConfig(vocab_size=V, n_layer=L, n_head=4, n_embd=C, max_seq_len=1024))

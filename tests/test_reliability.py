@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_lab.checkpoint import (
+from lm_lab.data import cache
+from lm_lab.errors import USER_ERRORS
+from lm_lab.schema import ConfigError
+from lm_lab.training.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
     find_checkpoints,
@@ -26,10 +29,7 @@ from lm_lab.checkpoint import (
     remove_partial_checkpoints,
     resolve_ckpt_path,
 )
-from lm_lab.config import ConfigError
-from lm_lab.data import cache
-from lm_lab.errors import USER_ERRORS
-from lm_lab.rundir import RunDirInUseError, run_dir_lock
+from lm_lab.training.rundir import RunDirInUseError, run_dir_lock
 from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config
 from tests.test_cli import run_dirs, run_train
 
@@ -98,7 +98,7 @@ def test_every_checkpoint_loads_with_weights_only(trained: Path) -> None:
 
 KILL_WRITE = """
 import sys, torch
-from lm_lab.checkpoint import AtomicCheckpointIO
+from lm_lab.training.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"version": 1, "w": torch.zeros(10)}, path)
 print("saved", flush=True)
@@ -372,8 +372,8 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_checkpoint(tmp_path: Path,
 
 
 def test_killed_tokenization_leaves_no_trusted_cache_and_is_rebuilt(tmp_path: Path) -> None:
-    from lm_lab.data.config import DataConfig
-    from lm_lab.data.datamodule import CausalLMDataModule
+    from lm_lab.data.options import DataConfig
+    from lm_lab.objectives.causal_lm.data import CausalLMDataModule
 
     corpus = tmp_path / "big.txt"
     corpus.write_text(SHAKESPEARE.read_text() * 5)  # ~5.5 MB: seconds of tokenizing
@@ -430,9 +430,9 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_no_partial_file(
 
 
 def test_disk_full_while_caching_tokens_is_a_clear_error_and_no_entry(tiny_disk: Path) -> None:
-    from lm_lab.data.config import DataConfig
-    from lm_lab.data.datamodule import CausalLMDataModule
+    from lm_lab.data.options import DataConfig
     from lm_lab.data.sources import DataError
+    from lm_lab.objectives.causal_lm.data import CausalLMDataModule
 
     dm = CausalLMDataModule(
         DataConfig(

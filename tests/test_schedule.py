@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lm_lab.schedule import lr_at
+from lm_lab.training.schedule import lr_at
 
 
 def nanogpt_get_lr(it: int, lr=1e-3, warmup=100, decay=2000, min_lr=1e-4) -> float:

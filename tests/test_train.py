@@ -151,7 +151,7 @@ def test_final_metrics_describe_the_final_weights(compose_cfg, tmp_path: Path) -
     checkpoint names (with the validation loss), best.ckpt beside last.ckpt."""
     import lightning as L
 
-    from lm_lab.checkpoint import find_checkpoints, resolve_ckpt_path
+    from lm_lab.training.checkpoints import find_checkpoints, resolve_ckpt_path
 
     run_dir = tmp_path / "run"
     cfg = compose_cfg(*TINY, *SHAKES, "trainer.max_steps=7", "trainer.val_check_interval=5", run_dir=run_dir)
@@ -177,7 +177,7 @@ def test_final_metrics_describe_the_final_weights(compose_cfg, tmp_path: Path) -
 
 
 def test_short_run_warns_that_warmup_covers_it(caplog: pytest.LogCaptureFixture) -> None:
-    from lm_lab.config import SchedulerConfig
+    from lm_lab.training.optim import SchedulerConfig
     from train import _check_warmup
 
     with caplog.at_level("WARNING", logger="lm_lab"):

@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lm_lab.config import ConfigError
 from lm_lab.errors import NonFiniteLossError  # defined there (importable without torch), raised here
+from lm_lab.schema import ConfigError
 
 log = logging.getLogger("lm_lab")
 

@@ -48,7 +48,7 @@ class ProgressLog(L.Callback):
 
     def __init__(self, every_n_steps: int = 25) -> None:
         if every_n_steps < 1:
-            from lm_lab.config import ConfigError
+            from lm_lab.schema import ConfigError
 
             raise ConfigError(f"callbacks.progress.every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps = every_n_steps

@@ -20,9 +20,9 @@ import datasets
 import xxhash
 
 from lm_lab.data import cache, pydocs
-from lm_lab.data.config import DataConfig
 from lm_lab.data.grouping import GROUPINGS, group_rows
 from lm_lab.data.hub import LOCAL_DATA_FIX, hub_offline_message, hub_reachable
+from lm_lab.data.options import DataConfig
 from lm_lab.errors import DataError  # defined there: importable without datasets
 
 BUILDERS = {

@@ -136,9 +136,15 @@ def eot_id(tok: Tokenizer) -> int | None:
     return None
 
 
-def special_token_map(tok: Tokenizer, family: str) -> dict[str, str]:
-    """Special-token roles for ``PreTrainedTokenizerFast`` (only those the vocabulary has)."""
-    if family == "bert":
+def is_bert_style(tok: Tokenizer) -> bool:
+    """A WordPiece-style vocabulary with BERT's [CLS] and [MASK] (segment pairs, masking)."""
+    return tok.token_to_id("[CLS]") is not None and tok.token_to_id("[MASK]") is not None
+
+
+def special_token_map(tok: Tokenizer) -> dict[str, str]:
+    """Special-token roles for ``PreTrainedTokenizerFast`` (only those the vocabulary has): BERT's
+    [PAD]/[UNK]/[CLS]/[SEP]/[MASK] when it has them, else the end-of-text token as BOS and EOS."""
+    if is_bert_style(tok):
         wanted = {
             "pad_token": "[PAD]",
             "unk_token": "[UNK]",
@@ -154,12 +160,12 @@ def special_token_map(tok: Tokenizer, family: str) -> dict[str, str]:
     return {k: v for k, v in wanted.items() if v is not None and tok.token_to_id(v) is not None}
 
 
-def to_hf(tok: Tokenizer, family: str) -> Any:
+def to_hf(tok: Tokenizer) -> Any:
     """Wrap as ``transformers.PreTrainedTokenizerFast`` with the right special tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    kwargs: dict[str, Any] = dict(special_token_map(tok, family))
-    if family == "bert":
+    kwargs: dict[str, Any] = dict(special_token_map(tok))
+    if is_bert_style(tok):
         kwargs["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     hf = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tok.to_str()), clean_up_tokenization_spaces=False, **kwargs
@@ -167,10 +173,10 @@ def to_hf(tok: Tokenizer, family: str) -> Any:
     return hf
 
 
-def save_hf(tok: Tokenizer, directory: str | Path, family: str) -> Path:
+def save_hf(tok: Tokenizer, directory: str | Path) -> Path:
     """Save in HF format (``tokenizer.json`` + ``tokenizer_config.json``)."""
     directory = Path(directory)
-    to_hf(tok, family).save_pretrained(str(directory))
+    to_hf(tok).save_pretrained(str(directory))
     return directory
 
 

@@ -13,7 +13,7 @@ token ids instead of token strings, plus two variants:
   ``[CLS] tokens [SEP]`` packed with whole consecutive sentences of one document.
 
 Masking is deliberately *not* done here (the original did it once, offline): see
-``lm_lab.data.masking.MLMCollator``, which re-masks every epoch.
+``lm_lab.objectives.masked_lm.masking.MLMCollator``, which re-masks every epoch.
 
 Label convention (``next_sentence_label``) is the transformers one:
 ``0`` = B follows A (in order), ``1`` = B is random (nsp) / A and B are swapped (sop).
@@ -132,7 +132,7 @@ def split_sentences(text: str) -> list[str]:
 
 def _check_args(max_num_tokens_total: int, objective: str, short_seq_prob: float) -> None:
     if objective not in _OBJECTIVES:
-        raise ValueError(f"unknown pair objective {objective!r}: set data.pair_objective to one of {_OBJECTIVES}")
+        raise ValueError(f"unknown pair objective {objective!r}: set objective.pair_objective to one of {_OBJECTIVES}")
     if objective == "none":
         if max_num_tokens_total < 3:
             raise ValueError(
@@ -197,7 +197,7 @@ def _default_random_document(
         if not valid:
             raise ValueError(
                 "NSP needs at least two non-empty documents to draw a random B: "
-                "add documents or set data.pair_objective=sop or none"
+                "add documents or set objective.pair_objective=sop or none"
             )
         return documents[rng.choice(valid)]
 
@@ -289,7 +289,7 @@ def create_instances(
         pick_other = _default_random_document(documents)
     if objective == "nsp" and pick_other is None:
         raise ValueError(
-            "NSP needs at least two documents to draw a random B: add documents or set data.pair_objective=sop or none"
+            "NSP needs at least two documents to draw a random B: add documents or set objective.pair_objective=sop or none"
         )
 
     # Account for [CLS], [SEP], [SEP].
@@ -391,7 +391,7 @@ def create_pairs(
     if objective == "nsp" and len(cleaned) < 2:
         raise ValueError(
             f"NSP needs at least two documents to draw random B segments, got {len(cleaned)}: "
-            "add documents or set data.pair_objective=sop or none"
+            "add documents or set objective.pair_objective=sop or none"
         )
     rng = random.Random(seed)
     instances: list[dict] = []

@@ -1,4 +1,8 @@
-"""Causal language modelling (GPT): next-token cross-entropy."""
+"""Causal language modelling: next-token cross-entropy, for any decoder in the registry.
+
+The network is whatever ``model=`` names (GPT, Llama, or one registered from outside lm_lab): this
+file only assumes ``net(ids) -> logits (B, T, V)`` and ``net.config.max_seq_len``.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
-from lm_lab.config import OptimizerConfig, SchedulerConfig
-from lm_lab.models.gpt import GPT, GPTConfig
-from lm_lab.tasks.base import PretrainTask, StepOutput
+from lm_lab.models.generation import generate
+from lm_lab.objectives.base import LMTask, StepOutput
+from lm_lab.objectives.causal_lm.settings import CausalLMConfig
 
 
-class CausalLMTask(PretrainTask):
-    family = "gpt"
+class CausalLMTask(LMTask):
+    settings_class = CausalLMConfig
 
-    def __init__(
-        self,
-        model_cfg: GPTConfig,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        tokenizer: Tokenizer | None = None,
-    ) -> None:
-        super().__init__(model_cfg, optimizer, scheduler, tokenizer)
-        self.net = GPT(model_cfg)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.flops_per_token: float | None = None  # of the training block size; read by the Throughput callback
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V)."""
         return self.net(idx)
 
-    def estimate_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (PaLM appendix B): 6N for the weights plus attention's 12*L*C*T,
-        with T the length the model is trained at (the data's block size, not model.max_seq_len)."""
-        c = self.model_cfg
-        return 6 * self.net.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+    def estimate_flops_per_token(self, seq_len: int) -> float | None:
+        """Training FLOPs per token at ``seq_len``, as the network counts them (None if it does not)."""
+        estimate = getattr(self.net, "estimate_flops_per_token", None)
+        return float(estimate(seq_len)) if estimate is not None else None
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> StepOutput:
         if stage == "train" and self.flops_per_token is None:
@@ -74,8 +69,15 @@ class CausalLMTask(PretrainTask):
             idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         else:
             idx = prompt.to(self.device)
-        out = self.net.generate(
-            idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eot, generator=gen
+        out = generate(
+            self.net,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eot,
+            generator=gen,
         )
         if was_training:
             self.train()

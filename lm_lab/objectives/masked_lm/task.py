@@ -6,51 +6,44 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
-from lm_lab.config import ConfigError, OptimizerConfig, SchedulerConfig
-from lm_lab.data.masking import IGNORE_INDEX
-from lm_lab.models.bert import BertConfig, BertModel, BertOutput
-from lm_lab.tasks.base import PretrainTask, StepOutput
+from lm_lab.models.bert.heads import BertOutput
+from lm_lab.objectives.base import LMTask, StepOutput
+from lm_lab.objectives.masked_lm.masking import IGNORE_INDEX
+from lm_lab.objectives.masked_lm.settings import MaskedLMConfig
+from lm_lab.schema import ConfigError
 
 
-class MaskedLMTask(PretrainTask):
+class MaskedLMTask(LMTask):
     """BERT pretraining. Batches come from ``MLMCollator``: ``input_ids``, ``token_type_ids``,
     ``attention_mask``, ``labels`` (-100 except at masked positions) and, under nsp/sop,
     ``next_sentence_label``. The sentence-pair loss is logged as ``nsp_loss``/``nsp_acc`` for
-    both nsp and sop (same head, same labels: 1 = random/swapped B)."""
+    both nsp and sop (same head, same labels: 1 = random/swapped B).
 
-    family = "bert"
+    Trains the registry's ``lm`` module of an encoder: the plain network plus its pretraining heads
+    (``BertForPreTraining``: ``forward(ids, types, mask, mlm_positions=, pair_logits=)``).
+    """
+
+    settings_class = MaskedLMConfig
     ppl_source = "mlm_loss"  # val/ppl = exp(masked-token cross-entropy)
 
-    def __init__(
-        self,
-        model_cfg: BertConfig,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        tokenizer: Tokenizer | None = None,
-        pair_objective: str = "nsp",
-    ) -> None:
-        super().__init__(model_cfg, optimizer, scheduler, tokenizer)
-        self.pair_objective = pair_objective
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pair_objective = self.objective_cfg.pair_objective
+        tokenizer = self.tokenizer_backend
         pad = tokenizer.token_to_id("[PAD]") if tokenizer is not None else None
-        if pad is not None and pad != model_cfg.pad_token_id:
+        if pad is not None and pad != self.model_cfg.pad_token_id:
             raise ConfigError(
-                f"the tokenizer's [PAD] id is {pad} but model.pad_token_id={model_cfg.pad_token_id}: "
+                f"the tokenizer's [PAD] id is {pad} but model.pad_token_id={self.model_cfg.pad_token_id}: "
                 f"set model.pad_token_id={pad}"
             )
-        self.net = BertModel(model_cfg)
-        if pair_objective == "none":
+        if self.pair_objective == "none":
             # No sentence-pair loss: the pooler and NSP head are never called and not trained (kept
             # only so that the weights keep BertForPreTraining's layout). DDP refuses parameters
             # that feed no loss, so they must not require gradients.
             for p in (*self.net.bert.pooler.parameters(), *self.net.cls.seq_relationship.parameters()):
                 p.requires_grad_(False)
         self.flops_per_token: float | None = None  # of the last training batch; read by the Throughput callback
-
-    @classmethod
-    def task_options(cls, data_cfg: Any) -> dict[str, Any]:
-        return {"pair_objective": data_cfg.pair_objective}
 
     def forward(
         self,
@@ -122,7 +115,7 @@ class MaskedLMTask(PretrainTask):
         """Top-``top_k`` (token, probability) for every ``[MASK]`` in ``text``, in order."""
         tok = self.tokenizer_backend
         if tok is None:
-            raise ValueError("this model has no tokenizer: load it with lm_lab.checkpoint.load_checkpoint")
+            raise ValueError("this model has no tokenizer: load it with lm_lab.training.checkpoints.load_checkpoint")
         mask_id = tok.token_to_id("[MASK]")
         enc = tok.encode(text)  # the post-processor adds [CLS] ... [SEP]
         ids = torch.tensor([enc.ids], device=self.device)

@@ -38,14 +38,15 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lm_lab.data import cache
-from lm_lab.data.bert_pairs import create_instances, split_sentences
-from lm_lab.data.config import DataConfig
 from lm_lab.data.datamodule import TextDataModule
-from lm_lab.data.masking import IGNORE_INDEX, MLMCollator
+from lm_lab.data.options import DataConfig
 from lm_lab.data.packing import _tokenizer_from_json
 from lm_lab.data.sampling import ResumableSampler
 from lm_lab.data.sources import DataError
 from lm_lab.data.tokenizer import TokenizerError, tokenizer_hash
+from lm_lab.objectives.masked_lm.masking import IGNORE_INDEX, MLMCollator
+from lm_lab.objectives.masked_lm.pairs import create_instances, split_sentences
+from lm_lab.objectives.masked_lm.settings import MaskedLMConfig
 
 log = logging.getLogger("lm_lab")
 
@@ -67,11 +68,10 @@ def default_max_predictions(block_size: int, mlm_probability: float) -> int:
 class MaskedLMDataModule(TextDataModule):
     """Sentence pairs with dynamic MLM masking for BERT (``[CLS] A [SEP] B [SEP]``)."""
 
-    family = "bert"
     default_tokenizer = "wordpiece"
 
-    def __init__(self, cfg: DataConfig, *, seed: int = 0) -> None:
-        super().__init__(cfg, seed=seed)
+    def __init__(self, cfg: DataConfig, objective: MaskedLMConfig | None = None, *, seed: int = 0) -> None:
+        super().__init__(cfg, objective or MaskedLMConfig(), seed=seed)
         self._check_config()
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
@@ -87,9 +87,9 @@ class MaskedLMDataModule(TextDataModule):
                 "data.streaming=true is GPT-only for now: BERT pairs need random access to other "
                 "documents; set data.streaming=false (the corpus is then downloaded and cached once)"
             )
-        need = min_block_size(c.pair_objective)
+        need = min_block_size(self.objective_cfg.pair_objective)
         if c.block_size < need:
-            shape = "[CLS] tokens [SEP]" if c.pair_objective == "none" else "[CLS] A [SEP] B [SEP]"
+            shape = "[CLS] tokens [SEP]" if self.objective_cfg.pair_objective == "none" else "[CLS] A [SEP] B [SEP]"
             raise DataError(
                 f"data.block_size={c.block_size} is too small for {shape} (at least {need} tokens): "
                 f"use data.block_size=128 (BERT's phase 1) or at least 32"
@@ -101,7 +101,7 @@ class MaskedLMDataModule(TextDataModule):
             )
 
     def _check_documents(self, n_docs: int, split: str) -> None:
-        if self.cfg.pair_objective == "nsp" and n_docs < 2:
+        if self.objective_cfg.pair_objective == "nsp" and n_docs < 2:
             hint = (
                 "data.sample_by=paragraph (one document per blank-line-separated paragraph)"
                 if self.cfg.path in ("text", None)
@@ -111,7 +111,7 @@ class MaskedLMDataModule(TextDataModule):
             raise DataError(
                 f"the {split} split has {n_docs} non-empty document(s), but next-sentence prediction "
                 f"draws random B segments from other documents: use {hint}{more}, "
-                "or data.pair_objective=sop (or none)"
+                "or objective.pair_objective=sop (or none)"
             )
 
     def _make_tokenizer(self) -> Tokenizer:
@@ -129,9 +129,9 @@ class MaskedLMDataModule(TextDataModule):
                 "corpus": self.corpus.fingerprint,
                 "tok": tokenizer_hash(self.tokenizer),
                 "block": c.block_size,
-                "objective": c.pair_objective,
-                "short": c.short_seq_prob,
-                "dupe": c.dupe_factor,
+                "objective": self.objective_cfg.pair_objective,
+                "short": self.objective_cfg.short_seq_prob,
+                "dupe": self.objective_cfg.dupe_factor,
                 "seed": self.seed,
             }
         )
@@ -157,7 +157,7 @@ class MaskedLMDataModule(TextDataModule):
         c = self.cfg
         with cache.build_entry(entry) as (tmp, meta):
             for split, ds, seed, dupe in (
-                ("train", self.corpus.train, self.seed, c.dupe_factor),
+                ("train", self.corpus.train, self.seed, self.objective_cfg.dupe_factor),
                 ("validation", self.corpus.validation, VAL_SEED, 1),
             ):
                 docs = tokenize_documents(ds, tok, tmp / f"_sentences-{split}" / "data.arrow", num_proc=c.num_proc)
@@ -167,8 +167,8 @@ class MaskedLMDataModule(TextDataModule):
                     max_num_tokens_total=c.block_size,
                     cls_id=ids["[CLS]"],
                     sep_id=ids["[SEP]"],
-                    objective=c.pair_objective,
-                    short_seq_prob=c.short_seq_prob,
+                    objective=self.objective_cfg.pair_objective,
+                    short_seq_prob=self.objective_cfg.short_seq_prob,
                     seed=seed,
                     dupe_factor=dupe,
                     cache_dir=tmp / f"_gen-{split}",
@@ -179,7 +179,9 @@ class MaskedLMDataModule(TextDataModule):
                 del docs, pairs
                 shutil.rmtree(tmp / f"_sentences-{split}", ignore_errors=True)
                 shutil.rmtree(tmp / f"_gen-{split}", ignore_errors=True)
-            meta.update(tokenizer=tokenizer_hash(tok), block_size=c.block_size, objective=c.pair_objective)
+            meta.update(
+                tokenizer=tokenizer_hash(tok), block_size=c.block_size, objective=self.objective_cfg.pair_objective
+            )
         self._verified = entry
         for split in ("train", "validation"):
             s = meta[split]
@@ -192,10 +194,10 @@ class MaskedLMDataModule(TextDataModule):
                 s["mean_length"],
                 balance,
             )
-        if c.pair_objective == "nsp" and meta["train"].get("random_b", 0.5) > 0.7:
+        if self.objective_cfg.pair_objective == "nsp" and meta["train"].get("random_b", 0.5) > 0.7:
             log.warning(
                 "%.0f%% of NSP pairs have a random B (one-sentence documents always do): the NSP task is "
-                "unbalanced; consider data.pair_objective=sop or longer documents",
+                "unbalanced; consider objective.pair_objective=sop or longer documents",
                 100 * meta["train"]["random_b"],
             )
 
@@ -224,26 +226,28 @@ class MaskedLMDataModule(TextDataModule):
         c, tok = self.cfg, self.tokenizer
         ids = special_ids(tok)
         continuation: list[int] = []
-        if c.whole_word_masking:
+        if self.objective_cfg.whole_word_masking:
             prefix = continuation_prefix(tok)
             continuation = [i for t, i in tok.get_vocab().items() if prefix and t.startswith(prefix)]
             if not continuation:
                 raise TokenizerError(
-                    "data.whole_word_masking=true needs a WordPiece tokenizer (word pieces starting "
-                    "with ##): use data.tokenizer=auto or set data.whole_word_masking=false"
+                    "objective.whole_word_masking=true needs a WordPiece tokenizer (word pieces starting "
+                    "with ##): use data.tokenizer=auto or set objective.whole_word_masking=false"
                 )
-        max_pred = c.max_predictions or default_max_predictions(c.block_size, c.mlm_probability)
+        max_pred = self.objective_cfg.max_predictions or default_max_predictions(
+            c.block_size, self.objective_cfg.mlm_probability
+        )
         return MLMCollator(
             vocab_size=tok.get_vocab_size(),
             mask_id=ids["[MASK]"],
             pad_id=ids["[PAD]"],
             special_ids=list(ids.values()),
-            mlm_probability=c.mlm_probability,
+            mlm_probability=self.objective_cfg.mlm_probability,
             max_predictions=max_pred,
-            whole_word_masking=c.whole_word_masking,
+            whole_word_masking=self.objective_cfg.whole_word_masking,
             continuation_ids=continuation,
             seed=seed,
-            max_ngram=c.max_ngram,
+            max_ngram=self.objective_cfg.max_ngram,
         )
 
     def log_sample(self) -> None:

@@ -1,23 +1,21 @@
-"""What every pretraining objective shares: the optimizer, the LR schedule, token counting,
-the tokenizer stored in the checkpoint, and the checkpoint's plain-container hyperparameters."""
+"""What every objective shares: the network from the registry, the optimizer, the LR schedule,
+token-weighted metrics, the tokenizer stored in the checkpoint, plain-container hyperparameters."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
-import os
-import random
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
+from torchmetrics import MeanMetric
 
-from lm_lab.config import OptimizerConfig, SchedulerConfig
-from lm_lab.schedule import lr_at
+from lm_lab.training.optim import OptimizerConfig, SchedulerConfig
+from lm_lab.training.schedule import lr_at
 
 log = logging.getLogger("lm_lab")
 
@@ -38,7 +36,13 @@ class StepOutput:
 
 class WeightedMeans:
     """Running sums of ``mean * weight`` and of ``weight`` per metric (detached, on device: no host
-    sync per micro-batch), reduced over ranks with one all-reduce."""
+    sync per micro-batch), reduced over ranks with one all-reduce.
+
+    Used for the per-step training metrics instead of torchmetrics (which the validation metrics
+    use): a torchmetrics ``MeanMetric`` syncs by gathering each of its two states separately, so k
+    metrics cost 2k blocking collectives per optimizer step; this packs everything, token count
+    included, into one all-reduce.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -74,27 +78,44 @@ class WeightedMeans:
         return means, tokens
 
 
-class PretrainTask(L.LightningModule):
-    """Base LightningModule. Subclasses build ``self.net`` and implement ``_step``."""
+class LMTask(L.LightningModule):
+    """What every objective's LightningModule shares: the network (built by the registry from the
+    model config), the optimizer and schedule, token-weighted metrics over whole optimizer steps
+    and ranks, the tokenizer stored in the checkpoint, and plain-container hyperparameters.
 
-    family = ""
+    A subclass (``lm_lab/objectives/<name>/task.py``) sets ``settings_class`` (its settings
+    dataclass) and implements ``_step``; it may override ``build_net`` when it trains something
+    other than the registry's ``lm`` module (a task head on the plain network).
+    """
+
+    settings_class: type = type(None)
 
     def __init__(
         self,
         model_cfg: Any,
+        objective: Any = None,
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
+        from lm_lab import registry
+
         super().__init__()
+        objective = self.settings_class() if objective is None else objective
+        self.network_spec, self.objective_spec = registry.check_combination(model_cfg, objective)
         self.model_cfg = model_cfg
+        self.objective_cfg = objective
         self.optim_cfg = optimizer or OptimizerConfig()
         self.sched_cfg = scheduler or SchedulerConfig()
+        cls = type(model_cfg)
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
-                "family": self.family,
+                "network": self.network_spec.name,
+                "objective": self.objective_spec.name,
+                "model_class": f"{cls.__module__}:{cls.__qualname__}",  # imported to register a network from outside lm_lab
                 "model": dataclasses.asdict(model_cfg),
+                "objective_settings": dataclasses.asdict(objective),
                 "optimizer": dataclasses.asdict(self.optim_cfg),
                 "scheduler": dataclasses.asdict(self.sched_cfg),
             }
@@ -103,14 +124,18 @@ class PretrainTask(L.LightningModule):
         self._hf_tokenizer: Any = None
         # Counters live in buffers so they are saved and restored with the weights.
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
-        self._micro_batches = 0  # training micro-batches so far, all epochs (saved in checkpoints)
         self._train_means = WeightedMeans()  # this optimizer step's micro-batches so far
-        self._val_means = WeightedMeans()
+        self._val_means: dict[str, Any] = {}
+        self.net = self.build_net()
 
-    @classmethod
-    def task_options(cls, data_cfg: Any) -> dict[str, Any]:
-        """Constructor options this objective takes from the data config (e.g. BERT's pair objective)."""
-        return {}
+    def build_net(self) -> nn.Module:
+        """The module this objective trains (by default the registry's ``lm`` module of the network)."""
+        return self.network_spec.build(self.model_cfg)
+
+    @property
+    def network(self) -> str:
+        """The registry name of the network (``gpt``, ``bert``, ``llama``, ...)."""
+        return self.network_spec.name
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -119,39 +144,12 @@ class PretrainTask(L.LightningModule):
         if self._hf_tokenizer is None and self.tokenizer_backend is not None:
             from lm_lab.data.tokenizer import to_hf
 
-            self._hf_tokenizer = to_hf(self.tokenizer_backend, self.family)
+            self._hf_tokenizer = to_hf(self.tokenizer_backend)
         return self._hf_tokenizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer_backend is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_backend.to_str()
-        trainer = self._trainer
-        checkpoint["lm_lab"] = {
-            "micro_batches": self._micro_batches,
-            "accumulate": trainer.accumulate_grad_batches if trainer is not None else 1,
-            "world_size": trainer.world_size if trainer is not None else 1,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("lm_lab", {})
-        self._micro_batches = int(saved.get("micro_batches", 0))
-        reopen_cut_epoch(checkpoint)
-        trainer = self._trainer
-        if trainer is None or "accumulate" not in saved:
-            return
-        old, new = int(saved["accumulate"]), trainer.accumulate_grad_batches
-        if old != new:
-            # Resumed on another number of devices at the same global batch: the accumulation count
-            # changed, so Lightning's micro-batch counters of this epoch (which decide where the next
-            # optimizer step falls) are rescaled to the same number of optimizer steps. The data
-            # position is global (TextDataModule.state_dict) and needs nothing.
-            rescale_batch_progress(checkpoint, old, new)
-            self._micro_batches = self._micro_batches * new // old
-            log.info(
-                "resuming with %d micro-batches per optimizer step (the checkpoint's run had %d)",
-                new,
-                old,
-            )
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -235,33 +233,22 @@ class PretrainTask(L.LightningModule):
         # validation after step N at N - 1).
         self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Count the data position and seed every RNG for this micro-batch.
-
-        The random state (dropout, and anything drawing from Python's, NumPy's or torch's global
-        generators) is a function of (seed, rank, micro-batch number), so a resumed run draws what
-        the uninterrupted run drew, whatever ran in between (validation, checkpointing, a new
-        DataLoader iterator); nothing needs restoring but the counter.
-        """
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "on_train_batch_consumed"):
-            dm.on_train_batch_consumed(self.trainer.current_epoch)
-        seed = getattr(dm, "seed", None)
-        if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        seed_step(seed, self.trainer.global_rank, self._micro_batches)
-        self._micro_batches += 1
-
     def on_validation_epoch_start(self) -> None:
-        self._val_means = WeightedMeans()
+        self._val_means = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._val_means.add(self._step(batch, "val").metrics)
+        for name, (mean, weight) in self._step(batch, "val").metrics.items():
+            if name not in self._val_means:
+                # torchmetrics' weighted mean, in float64: every item (token, masked token, pair)
+                # of every rank weighs the same; synced over ranks when computed.
+                self._val_means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(self.device)
+            self._val_means[name].update(mean.detach().double(), weight.detach().double())
 
     def on_validation_epoch_end(self) -> None:
         # Sums and counts over every sample of every rank, divided once: each validation sample
         # (each token, for token metrics) weighs the same whatever the batch and the world size.
-        means, _ = self._val_means.reduce(self.trainer)
+        means = {name: metric.compute().float() for name, metric in sorted(self._val_means.items())}
+        self._val_means = {}
         values = self.combine(means)
         if self.ppl_source in values:
             values["ppl"] = torch.exp(values[self.ppl_source].clamp(max=50.0))
@@ -274,58 +261,6 @@ class PretrainTask(L.LightningModule):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def reopen_cut_epoch(checkpoint: dict[str, Any]) -> None:
-    """Mark an epoch that ``max_steps`` cut short as unfinished, so that a run extended from this
-    checkpoint (a larger ``trainer.max_steps``) goes on with the rest of the epoch.
-
-    Lightning saves the final checkpoint of a run that stopped at ``max_steps`` with the epoch
-    counted as complete; resuming from it would start the next epoch and silently skip the
-    samples the cut epoch had left (measured: 12 of 17 steps of epoch 0 done, the resumed run went
-    on with epoch 1). The data position in the checkpoint still says where the epoch stopped.
-    """
-    loops = checkpoint.get("loops", {}).get("fit_loop", {})
-    batches, epochs = loops.get("epoch_loop.batch_progress"), loops.get("epoch_progress")
-    if not batches or not epochs or batches.get("is_last_batch", True):
-        return
-    current = batches.get("current", {})
-    if not current.get("ready") or current.get("completed") != current.get("ready"):
-        return  # saved mid-step (by a callback at batch end): Lightning resumes that itself
-    for part in ("current", "total"):
-        e = epochs.get(part, {})
-        if e and e.get("ready") == e.get("started") == e.get("processed") == e.get("completed") and e["ready"] > 0:
-            e["processed"] -= 1
-            e["completed"] -= 1
-    if "epoch" in checkpoint and epochs.get("current", {}).get("completed") is not None:
-        checkpoint["epoch"] = epochs["current"]["completed"]
-
-
-def rescale_batch_progress(checkpoint: dict[str, Any], old: int, new: int) -> None:
-    """Rewrite the fit loop's micro-batch counters of ``checkpoint`` from ``old`` to ``new``
-    micro-batches per optimizer step (before Lightning restores its loops from it)."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-    if not progress:
-        return
-    for part in ("current", "total"):
-        counts = progress.get(part)
-        if not counts or "ready" not in counts:
-            continue
-        shift = counts["ready"] // old * new - counts["ready"]  # whole optimizer steps, counted anew
-        for key in ("ready", "started", "processed", "completed"):
-            if key in counts:
-                counts[key] = max(0, counts[key] + shift)
-
-
-def seed_step(seed: int, rank: int, step: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators from (seed, rank, step)."""
-    s = int(np.random.SeedSequence([seed % (1 << 64), rank, step]).generate_state(1)[0])
-    random.seed(s)
-    np.random.seed(s)
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        torch.manual_seed(s)  # every device's generator
-    else:
-        torch.default_generator.manual_seed(s)  # the same on a CPU-only machine, minus ~0.2 ms of device probing
 
 
 def unwrap(module: nn.Module) -> nn.Module:

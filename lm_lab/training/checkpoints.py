@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib
 import logging
 import os
 import pickle
@@ -20,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
 from lm_lab.errors import CheckpointError  # defined there: importable without torch
+from lm_lab.schema import ConfigError, resume_fields, tokenizer_fields
 
 log = logging.getLogger("lm_lab")
 
@@ -64,12 +66,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         not isinstance(ckpt, dict)
         or not isinstance(ckpt.get("state_dict"), dict)
         or not isinstance(hp, dict)
-        or hp.get("family") not in FAMILIES
+        or not isinstance(hp.get("network", hp.get("family")), str)
         or not isinstance(hp.get("model"), dict)
     ):
         raise CheckpointError(
-            f"{path} is not an lm_lab checkpoint (it needs a state_dict and hyper_parameters naming the model "
-            "family and settings): pass a checkpoint written by train.py"
+            f"{path} is not an lm_lab checkpoint (it needs a state_dict and hyper_parameters naming the "
+            "network and its settings): pass a checkpoint written by train.py"
         )
     if identity not in _VERIFIED:  # hashing is the costly part; a run reads its checkpoint several times
         verify_weights(ckpt, path)
@@ -77,7 +79,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-FAMILIES = ("gpt", "bert")
 CHECKSUM_KEY = "lm_lab_checksum"
 # (path, device, inode, size, mtime) of files whose weights were verified by this process.
 _VERIFIED: set[tuple[Any, ...]] = set()
@@ -294,38 +295,6 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------------- vetting a resume
 
-# Model settings that may change on resume (everything else must match the checkpoint).
-RESUME_FREE_MODEL_KEYS = ("dropout", "attn_dropout", "init_std")
-# Data settings that decide which samples come in which order; a resume must keep them.
-DATA_STREAM_KEYS = (
-    "path",
-    "name",
-    "data_files",
-    "text_column",
-    "split",
-    "val_split",
-    "val_fraction",
-    "sample_by",
-    "streaming",
-    "streaming_val_docs",
-    "tokenizer",
-    "vocab_size",
-    "tokenizer_train_docs",
-    "lowercase",
-    "strip_accents",
-    "block_size",
-    "sampling",
-    "batch_size",
-    "pair_objective",
-    "mlm_probability",
-    "max_predictions",
-    "whole_word_masking",
-    "max_ngram",
-    "short_seq_prob",
-    "dupe_factor",
-)
-TOKENIZER_KEYS = ("tokenizer", "vocab_size", "lowercase", "strip_accents")
-
 
 def _diff(saved: dict[str, Any], now: dict[str, Any], keys: Any, section: str) -> list[str]:
     """``section.key=now (checkpoint: saved)`` for each key set in both that differs."""
@@ -348,9 +317,48 @@ def data_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def network_of_checkpoint(hp: dict[str, Any]) -> Any:
+    """The registry entry of the network a checkpoint holds. A network registered outside lm_lab is
+    registered by importing the module of its config class, which the checkpoint names."""
+    from lm_lab import registry
+
+    name = hp.get("network") or hp.get("family")  # "family": checkpoints written before the registry
+    if name not in registry.NETWORKS and isinstance(hp.get("model_class"), str):
+        module = hp["model_class"].partition(":")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise CheckpointError(
+                f"the checkpoint's network {name!r} is defined in {module}, which cannot be imported ({e}): "
+                "run from where that module is importable"
+            ) from None
+    try:
+        return registry.network(name)
+    except ConfigError as e:
+        raise CheckpointError(f"the checkpoint holds an {e}") from None
+
+
+def configs_of_checkpoint(ckpt: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(network entry, model config, objective settings) a checkpoint was trained with."""
+    from lm_lab import registry
+
+    hp = ckpt["hyper_parameters"]
+    net = network_of_checkpoint(hp)
+    values = {k: v for k, v in hp["model"].items() if k != "family"}  # "family": before the registry
+    model_cfg = net.config_class().from_dict(values)
+    obj = registry.objective(hp.get("objective") or net.objective)
+    settings = hp.get("objective_settings")
+    if settings is None:  # before the registry, BERT's masking settings were data settings
+        saved_data = data_state(ckpt).get("data") or {}
+        names = {f.name for f in dataclasses.fields(obj.config_class())}
+        settings = {k: v for k, v in saved_data.items() if k in names}
+    return net, model_cfg, obj.config_class().from_dict(settings)
+
+
 def check_resume(
     path: Path,
     model_cfg: Any,
+    objective_cfg: Any,
     data_cfg: Any,
     seed: int,
     optim_cfg: Any = None,
@@ -358,38 +366,54 @@ def check_resume(
     corpus_fingerprint: Callable[[], str | None] | None = None,
     allow_data_change: bool = False,
 ) -> None:
-    """Refuse (one line) a resume whose model or data stream differs from the checkpoint's.
+    """Refuse (one line) a resume whose network, objective, model or data stream differs from the checkpoint's.
 
-    ``corpus_fingerprint`` returns the current corpus's ``Corpus.fingerprint`` (called last, as it
-    loads the corpus): a checkpoint records the one it was trained on, so a corpus edited in place
-    (same settings, even the same number of blocks) is refused too, unless ``allow_data_change``.
+    The settings compared are every field of the model, objective and data config dataclasses
+    except those marked ``RESUME_FREE`` (``lm_lab.schema``). ``corpus_fingerprint`` returns the
+    current corpus's ``Corpus.fingerprint`` (called last, as it loads the corpus): a checkpoint
+    records the one it was trained on, so a corpus edited in place (same settings, even the same
+    number of blocks) is refused too, unless ``allow_data_change``.
     """
+    from lm_lab import registry
+
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
-    if hp.get("family") != model_cfg.family:
+    net, _, saved_objective = configs_of_checkpoint(ckpt)
+    now_net = registry.network_of(model_cfg)
+    if net.name != now_net.name:
         raise CheckpointError(
-            f"ckpt_path={path} is a {hp.get('family')} checkpoint but model is {model_cfg.family}: "
+            f"ckpt_path={path} is a {net.name} checkpoint but model is {now_net.name}: "
             "pick the model preset it was trained with"
         )
-    now = dataclasses.asdict(model_cfg)
-    model_keys = [k for k in hp["model"] if k not in RESUME_FREE_MODEL_KEYS]
-    changed = _diff(hp["model"], now, model_keys, "model")
+    if saved_objective.objective != objective_cfg.objective:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with objective={saved_objective.objective}, this run has "
+            f"objective={objective_cfg.objective}: resume with objective={saved_objective.objective}, or start "
+            f"a new run from its weights with init_from={path}"
+        )
+    changed = _diff(hp["model"], dataclasses.asdict(model_cfg), resume_fields(model_cfg), "model")
     if changed:
         raise CheckpointError(
             f"ckpt_path={path} was trained with other model settings: {', '.join(changed)}: "
             "resume with the checkpoint's model settings, or start a new run (ckpt_path=null)"
         )
     dstate = data_state(ckpt)
+    changed = _diff(
+        dataclasses.asdict(saved_objective),
+        dataclasses.asdict(objective_cfg),
+        resume_fields(objective_cfg),
+        "objective",
+    )
     saved_data = dstate.get("data")
     if saved_data:
-        changed = _diff(saved_data, dataclasses.asdict(data_cfg), DATA_STREAM_KEYS, "data")
-        if "seed" in dstate and dstate["seed"] != seed:
-            changed.append(f"seed={seed} (checkpoint: {dstate['seed']})")
-        if changed:
-            raise CheckpointError(
-                f"resuming {path} with a different data stream: {', '.join(changed)}: resume with "
-                f"the checkpoint's values, or start a new run from its weights with init_from={path}"
-            )
+        changed += _diff(saved_data, dataclasses.asdict(data_cfg), resume_fields(data_cfg), "data")
+    if "seed" in dstate and dstate["seed"] != seed:
+        changed.append(f"seed={seed} (checkpoint: {dstate['seed']})")
+    if changed:
+        raise CheckpointError(
+            f"resuming {path} with a different data stream: {', '.join(changed)}: resume with "
+            f"the checkpoint's values, or start a new run from its weights with init_from={path}"
+        )
     saved_corpus = dstate.get("corpus")
     current = corpus_fingerprint() if saved_corpus and corpus_fingerprint is not None else None
     if current and saved_corpus != current:
@@ -427,10 +451,9 @@ def check_init_from(path: Path, data_cfg: Any) -> None:
     if not saved:
         return
     now = dataclasses.asdict(data_cfg)
-    if now.get("tokenizer") in ("auto", saved.get("tokenizer")):
-        keys = [k for k in TOKENIZER_KEYS if k != "tokenizer"] if now.get("tokenizer") == "auto" else TOKENIZER_KEYS
-    else:
-        keys = TOKENIZER_KEYS
+    keys = tokenizer_fields(data_cfg)
+    if now.get("tokenizer") == "auto":
+        keys = [k for k in keys if k != "tokenizer"]
     changed = _diff(saved, now, keys, "data")
     if changed:
         raise CheckpointError(
@@ -448,30 +471,34 @@ def tokenizer_from_checkpoint(path: str | Path) -> Tokenizer:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a trained lm_lab checkpoint: the LightningModule in eval mode, tokenizer at ``.tokenizer``.
+    """Load a trained lm_lab checkpoint: the objective's LightningModule in eval mode, tokenizer at ``.tokenizer``.
 
-    Calling the module on token ids (B, T) returns logits (B, T, V) for GPT; for BERT it takes
-    ``input_ids, token_type_ids, attention_mask`` and returns ``.mlm_logits`` and ``.nsp_logits``.
+    Which module comes back is decided by the registry from the checkpoint's network and objective:
+    a decoder trained with ``causal_lm`` is called on token ids (B, T) and returns logits (B, T, V);
+    BERT trained with ``masked_lm`` takes ``input_ids, token_type_ids, attention_mask`` and returns
+    ``.mlm_logits`` and ``.nsp_logits``.
     """
-    from lm_lab.tasks import task_for
+    from lm_lab import registry
+    from lm_lab.training.optim import OptimizerConfig, SchedulerConfig
 
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
-    family = hp.get("family")
-    task_cls = task_for(family)
-    from lm_lab.config import OptimizerConfig, SchedulerConfig
-
-    model_cfg = _model_config(family, hp["model"])
+    _, model_cfg, objective_cfg = configs_of_checkpoint(ckpt)
+    task_cls = registry.objective_of(objective_cfg).task_class()
     tok = Tokenizer.from_str(ckpt["tokenizer_json"]) if ckpt.get("tokenizer_json") else None
     task = task_cls(
         model_cfg,
+        objective_cfg,
         optimizer=OptimizerConfig(**hp.get("optimizer", {})),
         scheduler=SchedulerConfig(**hp.get("scheduler", {})),
         tokenizer=tok,
     )
-    state = {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}
-    task.load_state_dict(state, strict=True)
+    task.load_state_dict(_plain_state(ckpt), strict=True)
     return task.to(map_location).eval()
+
+
+def _plain_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}
 
 
 def init_weights_from(task: Any, path: str | Path) -> None:
@@ -481,15 +508,14 @@ def init_weights_from(task: Any, path: str | Path) -> None:
     tokens after phase 1 at 128: the optimizer, LR schedule, step count and data position start fresh.
     """
     ckpt = read_checkpoint(path)
-    family = ckpt["hyper_parameters"].get("family")
-    if family != task.family:
+    net = network_of_checkpoint(ckpt["hyper_parameters"])
+    if net.name != task.network:
         raise CheckpointError(
-            f"init_from={path} is a {family} checkpoint but model is {task.family}: "
-            "pick a checkpoint of the same model family"
+            f"init_from={path} is a {net.name} checkpoint but model is {task.network}: "
+            "pick a checkpoint of the same network"
         )
-    state = {k.replace("._orig_mod", ""): v for k, v in ckpt["state_dict"].items()}
     try:
-        task.load_state_dict(state, strict=True)
+        task.load_state_dict(_plain_state(ckpt), strict=True)
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CheckpointError(
@@ -498,37 +524,40 @@ def init_weights_from(task: Any, path: str | Path) -> None:
     log.info("initialised weights from %s (%s tokens seen before)", path, f"{int(task.tokens_seen):,}")
 
 
-def _model_config(family: str, values: dict[str, Any]) -> Any:
-    if family == "gpt":
-        from lm_lab.models.gpt import GPTConfig
-
-        return GPTConfig.from_dict(values)
-    from lm_lab.models.bert import BertConfig
-
-    return BertConfig.from_dict(values)
-
-
-def load_task_of_family(path: str | Path, family: str, hint: str) -> Any:
-    """``load_checkpoint`` that refuses a checkpoint of another model family (``hint``: what to use)."""
-    task = load_checkpoint(path)
-    if task.family != family:
-        raise CheckpointError(f"{path} is a {task.family} checkpoint, not {family}: {hint}")
+def load_task(source: str | Path, *, able_to: str, hint: str) -> Any:
+    """The task (eval mode) of a ``.ckpt`` or an exported Hugging Face directory, refusing one that
+    cannot ``able_to`` (a method name: ``generate``, ``fill_mask``); ``hint`` says what to use instead."""
+    path = Path(source)
+    task = load_export_dir(path) if path.is_dir() else load_checkpoint(path)
+    if not callable(getattr(task, able_to, None)):
+        raise CheckpointError(
+            f"{path} holds a {task.network} model trained with objective={task.objective_spec.name}, "
+            f"which cannot {able_to.replace('_', '-')}: {hint}"
+        )
     return task
 
 
-def read_export_dir(
-    path: Path, model_type: str, hint: str
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], Tokenizer]:
-    """(HF config, weights, tokenizer) of a directory written by ``lm_lab.export``, checked for ``model_type``."""
+def load_export_dir(path: Path) -> Any:
+    """The task (eval mode) of a directory written by ``lm_lab.export``: the network is chosen by the
+    ``model_type`` of its config.json through the registry, the objective is the network's default."""
     import json
 
     from safetensors.torch import load_file
+
+    from lm_lab import registry
 
     cfg_file, weights, tok_file = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
     for f in (cfg_file, weights, tok_file):
         if not f.is_file():
             raise CheckpointError(f"{path} is not an exported model directory (missing {f.name})")
     hf = json.loads(cfg_file.read_text())
-    if hf.get("model_type") != model_type:
-        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model, not {model_type}: {hint}")
-    return hf, load_file(str(weights)), Tokenizer.from_file(str(tok_file))
+    try:
+        net = registry.network_for_hf(str(hf.get("model_type")))
+        mapping = net.hf_module()
+        model_cfg = mapping.config_from_hf(hf)
+    except (ConfigError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    objective = registry.objective(net.objective)
+    task = objective.task_class()(model_cfg, objective.config_class()(), tokenizer=Tokenizer.from_file(str(tok_file)))
+    mapping.load_hf_state_dict(task.net, load_file(str(weights)))
+    return task.eval()

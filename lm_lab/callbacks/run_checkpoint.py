@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lm_lab.checkpoint import BEST_LINK
+from lm_lab.training.checkpoints import BEST_LINK
 
 log = logging.getLogger("lm_lab")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lm_lab.config import ConfigBase, ConfigError
+from lm_lab.schema import RESUME_FREE, TOKENIZER, ConfigBase, ConfigError
 
 DataFiles = str | list[str] | dict[str, Any] | None
 
@@ -34,30 +34,20 @@ class DataConfig(ConfigBase):
     sample_by: Literal["document", "paragraph", "line", "article"] = "document"
     streaming: bool = False
     streaming_val_docs: int = 200
-    tokenizer: str = "auto"
-    vocab_size: int = 8192
+    tokenizer: str = field(default="auto", metadata=TOKENIZER)
+    vocab_size: int = field(default=8192, metadata=TOKENIZER)
     tokenizer_train_docs: int | None = None
-    lowercase: bool = True
-    strip_accents: bool | None = None
+    lowercase: bool = field(default=True, metadata=TOKENIZER)
+    strip_accents: bool | None = field(default=None, metadata=TOKENIZER)
     block_size: int = 256
     # blocks: each epoch visits every fixed block once, shuffled. windows: nanoGPT's sampling,
     # windows at uniformly random token offsets (as many per epoch as there are blocks).
     sampling: Literal["blocks", "windows"] = "blocks"
     batch_size: int = 32
-    micro_batch_size: int | None = None
-    num_workers: int = 0
-    num_proc: int | None = None
-    cache_dir: str = ".cache/lm_lab"
-    # BERT (masked LM) only
-    pair_objective: Literal["nsp", "sop", "none"] = "nsp"
-    mlm_probability: float = 0.15
-    max_predictions: int | None = None
-    whole_word_masking: bool = False
-    # ALBERT's n-gram masking: spans of up to max_ngram consecutive tokens (words, with
-    # whole_word_masking), n drawn with probability ~ 1/n; 1 = BERT's single tokens.
-    max_ngram: int = 1
-    short_seq_prob: float = 0.1
-    dupe_factor: int = 1
+    micro_batch_size: int | None = field(default=None, metadata=RESUME_FREE)
+    num_workers: int = field(default=0, metadata=RESUME_FREE)
+    num_proc: int | None = field(default=None, metadata=RESUME_FREE)
+    cache_dir: str = field(default=".cache/lm_lab", metadata=RESUME_FREE)
 
     def validate(self) -> None:
         self.require(self.block_size >= 2, f"data.block_size={self.block_size} must be >= 2")
@@ -68,8 +58,6 @@ class DataConfig(ConfigBase):
         )
         self.require(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         self.require(self.vocab_size >= 2, f"data.vocab_size={self.vocab_size} must be >= 2")
-        self.require(0.0 < self.mlm_probability < 1.0, f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
-        self.require(self.max_ngram >= 1, f"data.max_ngram={self.max_ngram} must be >= 1 (ALBERT used 3)")
         self.require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         self.require(
             self.path is not None or self.data_files is not None,

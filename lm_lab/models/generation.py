@@ -1,0 +1,63 @@
+"""Sampling from any decoder: ``net(ids) -> logits (B, T, V)`` and ``net.config.max_seq_len``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def generate(
+    net: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``max_new_tokens`` continuations of ``idx`` (B, T) from decoder ``net``.
+
+    ``temperature=0`` is greedy decoding. ``top_k`` keeps the k most likely tokens, ``top_p``
+    the smallest set whose probability reaches p (nucleus sampling). Stops early when every
+    row has produced ``eos_token_id``.
+    """
+    window = net.config.max_seq_len
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = net(idx[:, -window:])[:, -1, :].float()  # (B, V)
+        next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        idx = torch.cat([idx, next_id], dim=1)
+        if eos_token_id is not None:
+            done |= next_id.squeeze(1) == eos_token_id
+            if bool(done.all()):
+                break
+    return idx
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from (B, V) logits; returns (B, 1)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)

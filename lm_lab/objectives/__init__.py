@@ -1,0 +1,2 @@
+"""Training recipes: one folder per objective (settings, LightningModule, DataModule), listed in
+``lm_lab.registry``."""
