@@ -1,4 +1,4 @@
-"""BERT training-step throughput: lm_lab's BertModel vs transformers' BertForPreTraining.
+"""BERT training-step throughput: lm_lab's BertForPreTraining vs transformers' BertForPreTraining.
 
     python bench/bert_speed.py [--model bert_mini] [--block 128] [--batch 32] [--vocab 30522]
                                [--corpus pydocs|shakespeare] [--steps 8] [--repeats 5]
@@ -69,7 +69,7 @@ def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tenso
 
 class Ours:
     def __init__(self, cfg: Any, masked_head: bool, dynamic: bool, block: int) -> None:
-        from lm_lab.models.bert.model import BertModel
+        from lm_lab.models.bert import BertForPreTraining as BertModel
 
         self.model, self.masked_head, self.dynamic, self.block = BertModel(cfg).train(), masked_head, dynamic, block
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -96,7 +96,7 @@ class HF:
     def __init__(self, cfg: Any, block: int) -> None:
         import transformers
 
-        from lm_lab.models.bert.model import hf_config_dict
+        from lm_lab.models.bert.hf import hf_config_dict
 
         kwargs = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("model_type", "architectures")}
         self.model = transformers.BertForPreTraining(transformers.BertConfig(**kwargs)).train()

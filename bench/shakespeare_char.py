@@ -1,6 +1,6 @@
 """nanoGPT's CPU Tiny Shakespeare recipe: lm_lab's whole run vs a plain PyTorch loop.
 
-    python bench/shakespeare_char.py [--repeats 3] [--data ../shared/data/tinyshakespeare/input.txt]
+    python bench/shakespeare_char.py [--repeats 3] [--llama] [--data ../shared/data/tinyshakespeare/input.txt]
 
 Both sides train the same recipe (4 layers, 4 heads, 128 dims, block 64, batch 12, 2,000 steps,
 lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0,
@@ -10,8 +10,12 @@ no dropout, no bias; 20 validation batches every 250 steps):
   fresh process: imports, data loading, tokenizer, Lightning, validation, checkpoints, CSV log).
 - ``plain loop``: nanoGPT's ``train.py`` algorithm written out in plain PyTorch in a fresh process
   (random windows, ``estimate_loss`` on train and val every 250 steps), same network class.
+- ``lm_lab, Llama blocks`` (only with ``--llama``): ``python train.py
+  experiment=nanogpt_shakespeare_char_cpu_llama``, the same recipe and run with Llama blocks
+  (RMSNorm, rotary positions, SwiGLU 344 wide, ~0.80M parameters like the GPT network). Its ratio is
+  against the same plain GPT loop: there is no plain Llama loop.
 
-Runs alternate (A, B, A, B, ...) so machine noise hits both; the table gives medians and the
+Runs alternate (A, B[, C], A, B[, C], ...) so machine noise hits every row; the table gives medians and the
 ratio. nanoGPT's own figures on this kind of machine (../shared/data/README.md): val loss 1.886,
 about 125 s for the whole run.
 """
@@ -75,11 +79,11 @@ print(f"VAL {val:.4f}")
 """
 
 
-def run_lm_lab(data: Path, workdir: Path) -> tuple[float, float]:
+def run_lm_lab(data: Path, workdir: Path, experiment: str = "nanogpt_shakespeare_char_cpu") -> tuple[float, float]:
     cmd = [
         sys.executable,
         str(REPO / "train.py"),
-        "experiment=nanogpt_shakespeare_char_cpu",
+        f"experiment={experiment}",
         f"data.data_files={data}",
         "logger=csv",
         "trainer.enable_progress_bar=false",
@@ -95,6 +99,10 @@ def run_lm_lab(data: Path, workdir: Path) -> tuple[float, float]:
     return wall, val[-1]
 
 
+def run_lm_lab_llama(data: Path, workdir: Path) -> tuple[float, float]:
+    return run_lm_lab(data, workdir, "nanogpt_shakespeare_char_cpu_llama")
+
+
 def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
     script = workdir / "plain_loop.py"
     script.write_text(PLAIN_LOOP)
@@ -106,18 +114,27 @@ def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
     return wall, float(out.split("VAL")[-1])
 
 
+GPT_ROW = "lm_lab, GPT-2 blocks"
+PLAIN_ROW = "plain loop, GPT-2 blocks (baseline)"
+LLAMA_ROW = "lm_lab, Llama blocks"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--llama", action="store_true", help="also run the recipe with Llama blocks (a third row)")
     args = p.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {"lm_lab": [], "plain loop": []}
+    runs = [(GPT_ROW, run_lm_lab), (PLAIN_ROW, run_plain)]
+    if args.llama:
+        runs.append((LLAMA_ROW, run_lm_lab_llama))
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in runs}
     for i in range(args.repeats):
-        for name, fn in (("lm_lab", run_lm_lab), ("plain loop", run_plain)):
+        for name, fn in runs:
             with tempfile.TemporaryDirectory() as d:
                 wall, val = fn(args.data.resolve(), Path(d))
             results[name].append((wall, val))
-            print(f"  repeat {i + 1}: {name:<10} {wall:6.1f} s  val/loss {val:.4f}", flush=True)
+            print(f"  repeat {i + 1}: {name:<40} {wall:6.1f} s  val/loss {val:.4f}", flush=True)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(x for _, x in v)) for k, v in results.items()}
     print(
         f"\nnanoGPT CPU recipe, Tiny Shakespeare char, 2,000 steps; median of {args.repeats} "
@@ -125,7 +142,7 @@ def main() -> None:
     )
     print("| run | whole-run wall time (s) | val loss at step 2,000 | time vs plain loop |")
     print("| --- | ---: | ---: | ---: |")
-    base = med["plain loop"][0]
+    base = med[PLAIN_ROW][0]
     for name, (wall, val) in med.items():
         print(f"| {name} | {wall:.1f} | {val:.4f} | {wall / base:.2f}x |")
     print("| nanoGPT (reference, ../shared/data/README.md) | ~125 | 1.886 | |")

@@ -4,6 +4,12 @@ Every config is a plain dataclass: Hydra instantiates it from YAML in ``train()`
 below ``train()`` sees a ``DictConfig``. ``ConfigBase.__post_init__`` checks field types, so a
 wrong type fails at start-up with the key's name (unknown keys already fail in the dataclass
 constructor, which names the unexpected keyword).
+
+Why not Hydra structured configs (ConfigStore schemas)? OmegaConf's typed nodes cannot hold the
+types these configs use: ``Literal`` choices (``data.sampling``, ``objective.pair_objective``) and
+unions of containers (``data.data_files`` is a path, a list or a split mapping); a schema would
+have to widen them to ``Any``/``str`` and check them here anyway, and range checks (``lr > 0``)
+need code in any case. The checks here give one line naming the key and the fix.
 """
 
 from __future__ import annotations

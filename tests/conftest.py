@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,3 +67,28 @@ def compose_cfg(tmp_path: Path, shared_cache: Path) -> Callable[..., DictConfig]
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+# ---------------------------------------------------------------- train.py as a user runs it
+TRAIN = str(REPO / "train.py")
+
+
+def run_train(args: list[str], cwd: Path, cache: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "LM_LAB_CACHE": str(cache), "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **env}
+    full_env.pop("WANDB_MODE") if not full_env["WANDB_MODE"] else None
+    return subprocess.run(
+        [sys.executable, TRAIN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return [p for p in (cwd / "logs").glob("*/runs/*") if p.is_dir()]
+
+
+def model_preset(name: str) -> DictConfig:
+    """conf/model/<name>.yaml without its defaults list (which only picks the objective)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    node.pop("defaults", None)
+    return node

@@ -325,7 +325,7 @@ def test_errors() -> None:
         match=r"data.block_size=4 is too small for \[CLS\] A \[SEP\] B \[SEP\]: use at least 8",
     ):
         create_pairs(SMALL_CORPUS, max_num_tokens_total=4, cls_id=CLS, sep_id=SEP, objective="nsp", seed=0)
-    with pytest.raises(ValueError, match="data.pair_objective"):
+    with pytest.raises(ValueError, match="objective.pair_objective"):
         bad: Any = "mlm"
         create_pairs(SMALL_CORPUS, max_num_tokens_total=16, cls_id=CLS, sep_id=SEP, objective=bad, seed=0)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from lm_lab.models.bert.model.model import BertConfig, BertModel
 from transformers import AutoTokenizer, BertForPreTraining
 
 import lm_lab
@@ -21,6 +20,8 @@ from lm_lab.data.sources import DataError
 from lm_lab.errors import USER_ERRORS
 from lm_lab.export import export
 from lm_lab.fill_mask import main as fill_mask_main
+from lm_lab.models.bert import BertConfig
+from lm_lab.models.bert import BertForPreTraining as BertModel
 from lm_lab.objectives.masked_lm.data import (
     ArrowDocuments,
     MaskedLMDataModule,
@@ -30,7 +31,7 @@ from lm_lab.objectives.masked_lm.data import (
 from lm_lab.objectives.masked_lm.pairs import create_pairs
 from lm_lab.objectives.masked_lm.task import MaskedLMTask
 from lm_lab.training.checkpoints import CheckpointError, init_weights_from
-from tests.conftest import REPO, SHAKESPEARE, compose_config
+from tests.conftest import REPO, SHAKESPEARE, compose_config, model_preset
 from train import train
 
 BERT = [
@@ -170,7 +171,7 @@ def test_two_phases_with_init_from(trained: dict, compose_cfg) -> None:
         *BERT,
         "data.block_size=128",
         "trainer.max_steps=2",
-        "data.max_predictions=null",
+        "objective.max_predictions=null",
         "trainer.val_check_interval=2",
         f"init_from={trained['ckpt']}",
     )
@@ -279,18 +280,17 @@ def test_masks_change_per_epoch_also_in_persistent_workers(trained: dict) -> Non
 
 def test_whole_word_masking_uses_wordpiece_continuations(trained: dict) -> None:
     dm: MaskedLMDataModule = trained["datamodule"]
-    dm.cfg.whole_word_masking = True
+    dm.objective_cfg.whole_word_masking = True
     try:
         collator = dm._collator(seed=0)
     finally:
-        dm.cfg.whole_word_masking = False
+        dm.objective_cfg.whole_word_masking = False
     pieces = {dm.tokenizer.id_to_token(int(i)) for i in collator.continuation_ids}
     assert collator.whole_word_masking and len(pieces) > 50 and all(t.startswith("##") for t in pieces)
 
 
 def test_bert_presets_match_the_published_sizes() -> None:
     import hydra
-    from omegaconf import OmegaConf
 
     expected = {
         "tiny": (2, 128),
@@ -301,10 +301,10 @@ def test_bert_presets_match_the_published_sizes() -> None:
         "large": (24, 1024),
     }
     for name, (n_layer, n_embd) in expected.items():
-        cfg = hydra.utils.instantiate(OmegaConf.load(REPO / "conf" / "model" / f"bert_{name}.yaml"))
+        cfg = hydra.utils.instantiate(model_preset(f"bert_{name}"))
         assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size) == (n_layer, n_embd, n_embd // 64, None)
     for name, millions in (("base", 110), ("large", 335)):
-        cfg = hydra.utils.instantiate(OmegaConf.load(REPO / "conf" / "model" / f"bert_{name}.yaml"), vocab_size=30522)
+        cfg = hydra.utils.instantiate(model_preset(f"bert_{name}"), vocab_size=30522)
         with torch.device("meta"):
             n = sum(p.numel() for p in BertModel(cfg).parameters())
         assert abs(n / 1e6 - millions) < 0.03 * millions, (name, n)

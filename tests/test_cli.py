@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -15,9 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import REPO, SHAKESPEARE
+from tests.conftest import REPO, SHAKESPEARE, run_dirs, run_train
 
-TRAIN = str(REPO / "train.py")
 FAST = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
@@ -26,18 +24,6 @@ FAST = [
     "sample_tokens=4",
     "callbacks.text_samples.max_new_tokens=2",
 ]
-
-
-def run_train(args: list[str], cwd: Path, cache: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "LM_LAB_CACHE": str(cache), "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **env}
-    full_env.pop("WANDB_MODE") if not full_env["WANDB_MODE"] else None
-    return subprocess.run(
-        [sys.executable, TRAIN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def run_dirs(cwd: Path) -> list[Path]:
-    return [p for p in (cwd / "logs").glob("*/runs/*") if p.is_dir()]
 
 
 def test_default_run_offline_with_wandb_and_csv(tmp_path: Path, shared_cache: Path) -> None:

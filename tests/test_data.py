@@ -92,8 +92,7 @@ def test_missing_text_column(tmp_path: Path) -> None:
 def test_tokenizer_round_trip_and_hf_reload(tmp_path: Path, kind: str) -> None:
     corpus = SHAKESPEARE.read_text()[:50_000]
     tok = train_tokenizer(kind, [corpus] + TEXTS, vocab_size=300)
-    family = "bert" if kind == "wordpiece" else "gpt"
-    save_hf(tok, tmp_path / "tok", family)
+    save_hf(tok, tmp_path / "tok")
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     text = "First Citizen:\nBefore we proceed any further, hear me speak."
     ids = tok.encode(text, add_special_tokens=False).ids

@@ -358,9 +358,9 @@ def test_accumulated_step_has_the_gradients_of_one_big_batch(compose_cfg, corpus
 
 
 def test_bert_without_a_pair_objective_trains_under_ddp(corpus: Path, cache: Path, tmp_path: Path) -> None:
-    """data.pair_objective=none: the pooler and NSP head feed no loss, which DDP refuses unless they
+    """objective.pair_objective=none: the pooler and NSP head feed no loss, which DDP refuses unless they
     are left out of training (they were: "parameters that were not used in producing the loss")."""
-    args = [*BERT, f"data.data_files={corpus}", "data.pair_objective=none", "trainer.max_steps=3", *DDP]
+    args = [*BERT, f"data.data_files={corpus}", "objective.pair_objective=none", "trainer.max_steps=3", *DDP]
     train(args, tmp_path / "none", cache)
     m = metrics(tmp_path / "none")
     assert len(m["train/mlm_loss"]) == 3 and "train/nsp_loss" not in m

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lm_lab.models.gpt.model.model import GPT, GPTConfig, hf_config_dict, hf_state_dict, load_hf_state_dict, sample_next
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lm_lab.models.generation import sample_next
+from lm_lab.models.gpt import GPT, GPTConfig
+from lm_lab.models.gpt.hf import hf_config_dict, hf_state_dict, load_hf_state_dict
 from lm_lab.schema import ConfigError
 
 

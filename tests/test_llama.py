@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from lm_lab.config import ConfigError
 from lm_lab.models.llama import Llama, LlamaConfig, config_from_hf, hf_config_dict, hf_state_dict, load_hf_state_dict
 from lm_lab.models.llama.model import RMSNorm
+from lm_lab.schema import ConfigError
+from tests.conftest import model_preset
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 V = 97
@@ -232,7 +232,7 @@ def test_config_errors_name_the_key() -> None:
 
 @pytest.mark.parametrize("name", ["llama_tiny", "llama_mini", "smollm_135m"])
 def test_presets_instantiate(name: str) -> None:
-    cfg = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = instantiate(model_preset(name))
     assert isinstance(cfg, LlamaConfig) and cfg.vocab_size is None and cfg.kv_heads < cfg.n_head
     assert config_from_hf(hf_config_dict(dataclasses.replace(cfg, vocab_size=V))) == dataclasses.replace(
         cfg, vocab_size=V
@@ -247,7 +247,7 @@ def test_presets_instantiate(name: str) -> None:
 
 
 def test_smollm_135m_preset_has_smollm_parameter_count() -> None:
-    cfg = dataclasses.replace(instantiate(OmegaConf.load(CONF / "smollm_135m.yaml")), vocab_size=49152)
+    cfg = dataclasses.replace(instantiate(model_preset("smollm_135m")), vocab_size=49152)
     with torch.device("meta"):
         hf = LlamaForCausalLM(HFLlamaConfig(**hf_config_dict(cfg)))
         ours = Llama(cfg)

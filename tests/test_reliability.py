@@ -30,8 +30,7 @@ from lm_lab.training.checkpoints import (
     resolve_ckpt_path,
 )
 from lm_lab.training.rundir import RunDirInUseError, run_dir_lock
-from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config
-from tests.test_cli import run_dirs, run_train
+from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config, run_dirs, run_train
 
 SHAKES = ["data=files", f"data.data_files={SHAKESPEARE}", "data.tokenizer=char"]
 RUN = [
@@ -85,12 +84,13 @@ def test_every_checkpoint_loads_with_weights_only(trained: Path) -> None:
     assert (trained / "checkpoints" / "best.ckpt").resolve() == best.resolve()
     for path in ckpts:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain containers only
-        assert isinstance(ckpt["lm_lab"]["micro_batches"], int)
+        position = ckpt["callbacks"]["DataPosition"]  # lm_lab.callbacks.data_position
+        assert isinstance(position["micro_batches"], int)
         dm = ckpt["CausalLMDataModule"]
         # The data position: global samples of this epoch (all ranks), and this rank's share.
         assert dm["sampler"]["consumed_global"] == dm["consumed"] == ckpt["global_step"] * 4
         assert dm["data"]["batch_size"] == 4 and dm["seed"] == 1337
-        assert ckpt["lm_lab"]["micro_batches"] == ckpt["global_step"]
+        assert position["micro_batches"] == ckpt["global_step"]
         assert ckpt["lm_lab_checksum"]["crc32"].keys() == ckpt["state_dict"].keys()
         assert dm["corpus"]  # the corpus fingerprint a resume is checked against
     assert torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -246,7 +246,7 @@ def test_a_checkpoint_without_a_checksum_still_loads(
     torch.save(ckpt, old)
     with caplog.at_level(logging.INFO, logger="lm_lab"):
         task = load_checkpoint(old)
-    assert task.family == "gpt"
+    assert task.network == "gpt"
     assert any("has no weights checksum" in r.getMessage() for r in caplog.records)
 
 

@@ -8,13 +8,25 @@ from typing import Any
 import lightning as L
 import torch
 
-# Dense bf16 peak FLOP/s. Lightning's own table has no entry for the H200 (see docs/NOTES).
+# Dense bf16 peak FLOP/s, used only where Lightning's table (``get_available_flops``) has no entry for
+# the name the driver reports: that table lists the H200 only as "h200 sxm1" / "h200 nvl1", so a
+# device named plainly "NVIDIA H200" gets None (and a warning) there.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of one ``device`` for ``dtype``: Lightning's table first, then ``PEAK_FLOPS`` (bf16)."""
     if device.type != "cuda":
         return None
+    import warnings
+
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "FLOPs not found for ...": the fallback below answers
+        known = get_available_flops(device, dtype)
+    if known:
+        return float(known)
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
@@ -38,7 +50,7 @@ class Throughput(L.Callback):
         if steps >= self.window:
             rate = (tokens - self._tokens0) / max(now - self._t0, 1e-9)
             metrics = {"tokens_per_sec": rate}
-            peak = peak_flops(pl_module.device)
+            peak = peak_flops(pl_module.device, pl_module.dtype if pl_module.dtype != torch.float32 else torch.bfloat16)
             flops_per_token = getattr(pl_module, "flops_per_token", None)
             if peak and flops_per_token:
                 metrics["mfu"] = rate * flops_per_token / (peak * trainer.world_size)

@@ -12,14 +12,15 @@ Plain PyTorch: no Lightning or Hydra here.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_lab.config import ConfigBase
+from lm_lab.models.generation import generate
 from lm_lab.models.layers import init_normal_, merge_heads, residual_std, split_heads
+from lm_lab.schema import RESUME_FREE, ConfigBase
 
 # SwiGLU's hidden width when ``intermediate_size`` is None: 2/3 of the usual 4 * n_embd (so the three
 # matrices cost what GPT's two do), rounded up to a multiple of this, as in Meta's reference code.
@@ -50,8 +51,8 @@ class LlamaConfig(ConfigBase):
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = field(default=0.0, metadata=RESUME_FREE)
+    init_std: float = field(default=0.02, metadata=RESUME_FREE)
 
     @property
     def kv_heads(self) -> int:
@@ -306,32 +307,10 @@ class Llama(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations of ``idx`` (B, T); the same contract as ``GPT.generate``
-        (no KV cache: each step re-reads the last ``max_seq_len`` tokens)."""
-        from lm_lab.models.gpt import sample_next
-
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.max_seq_len :])[:, -1, :].float()  # (B, V)
-            next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
-            if eos_token_id is not None:
-                done |= next_id.squeeze(1) == eos_token_id
-                if bool(done.all()):
-                    break
-        return idx
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: typing.Any) -> torch.Tensor:
+        """Sample continuations of ``idx`` (B, T); see ``lm_lab.models.generation.generate`` (no KV
+        cache: each step re-reads the last ``max_seq_len`` tokens)."""
+        return generate(self, idx, max_new_tokens, **kwargs)
 
 
 __all__ = ["Llama", "LlamaConfig", "RMSNorm", "RotaryEmbedding", "apply_rotary", "rotate_half"]
