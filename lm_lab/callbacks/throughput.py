@@ -32,7 +32,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
 
 
 class Throughput(L.Callback):
-    """Logs ``tokens_per_sec`` averaged over the last ``window`` optimizer steps (and ``mfu``)."""
+    """Logs ``tokens_per_sec`` averaged over the last ``window`` optimizer steps (and ``mfu``).
+
+    Not Lightning's ``ThroughputMonitor``: that one calls ``torch.cuda.synchronize()`` after every
+    micro-batch (a host stall on the step path), counts items through a ``length_fn`` evaluated on
+    the host for each batch, and expects a constant ``flops_per_batch``; here the count is the
+    task's ``tokens_seen`` (real tokens, already reduced over ranks once per optimizer step, padding
+    excluded), read every ``window`` steps, with the FLOPs per token of the training block size.
+    The peak FLOP/s does come from Lightning's table (``peak_flops``).
+    """
 
     def __init__(self, window: int = 10) -> None:
         self.window = window

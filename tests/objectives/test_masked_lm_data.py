@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from lm_lab.objectives.masked_lm.masking import MLMCollator
 from lm_lab.objectives.masked_lm.pairs import create_instances, create_pairs, split_sentences
+from tests.conftest import SHAKESPEARE
 
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, CLS, SEP, MASK, UNK)
@@ -537,20 +537,17 @@ def test_whole_word_masking_synthetic() -> None:
 
 
 def test_whole_word_masking_with_real_wordpiece() -> None:
-    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer
     from tokenizers.models import WordPiece
     from tokenizers.normalizers import BertNormalizer
     from tokenizers.pre_tokenizers import BertPreTokenizer
     from tokenizers.trainers import WordPieceTrainer
 
-    path = Path(__file__).parents[1].parent / "shared/data/tinyshakespeare/input.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    with path.open(encoding="utf-8") as f:
+    with SHAKESPEARE.open(encoding="utf-8") as f:
         lines = [line.strip() for line in islice(f, 400) if line.strip()][:80]
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = tokenizers.Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
     tok.normalizer = BertNormalizer(lowercase=True)
     tok.pre_tokenizer = BertPreTokenizer()
     # A small vocabulary so that many words are split into several pieces.

@@ -19,7 +19,7 @@ from lm_lab.models.llama.model import RMSNorm
 from lm_lab.schema import ConfigError
 from tests.conftest import model_preset
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 V = 97
 
 # (n_kv_head, tie_embeddings, rope_theta): GQA, MQA and MHA (None and explicit), tied and untied.

@@ -342,7 +342,7 @@ def test_accumulated_step_has_the_gradients_of_one_big_batch(compose_cfg, corpus
         *[a for a in BERT if not a.startswith(("debug=", "trainer.max_steps"))],
         f"data.data_files={corpus}",
         "trainer.max_steps=1",
-        "+callbacks.capture._target_=tests.test_distributed.GradCapture",
+        "+callbacks.capture._target_=tests.training.test_distributed.GradCapture",
     ]
     runs = {}
     for micro in (16, 4):
