@@ -89,7 +89,6 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         AtomicCheckpointIO,
         check_init_from,
         check_resume,
-        init_weights_from,
         remove_partial_checkpoints,
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
@@ -97,19 +96,30 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
     from lm_lab.training.plan import planned_world_size
+    from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
     # (model=) and the objective (objective=, by default the network's) are looked up in the registry.
     tidy_console()
     model_cfg = _build(cfg.model, "model")
+    # init_from (not when resuming): the network, its sizes and the tokenizer come with the weights.
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    source = read_source(cfg.init_from) if cfg.get("init_from") and ckpt_path is None else None
+    preset_network = registry.network_of(model_cfg).name
+    if source is not None:
+        model_cfg = _model_from_source(model_cfg, source)
     objective_node = cfg.get("objective")
+    if source is not None and source.network.name != preset_network and not _on_command_line("objective"):
+        objective_node = None  # the preset's objective belonged to the preset's network, not the source's
     objective_cfg = (
         _build(objective_node, "objective")
         if objective_node and objective_node.get("_target_")
         else registry.default_objective_config(model_cfg)
     )
-    _, objective = registry.check_combination(model_cfg, objective_cfg, _choice("model"))
+    _, objective = registry.check_combination(
+        model_cfg, objective_cfg, _choice("model") if source is None else f"from init_from={source.path}"
+    )
     optim_cfg = _build(cfg.optimizer, "optimizer")
     sched_cfg = _build(cfg.scheduler, "scheduler")
     if data_cfg.block_size > model_cfg.max_seq_len:
@@ -128,7 +138,6 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     micro, accum = data_cfg.micro_batch(world)
     # Built once, by the resume check below (which needs its corpus) or in step 3.
     make_dm = functools.cache(lambda: objective.datamodule_class()(data_cfg, objective_cfg, seed=cfg.seed))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
         check_resume(
             ckpt_path,
@@ -142,9 +151,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
             allow_data_change=allow_data_change,
         )
     # Weights only, fresh optimizer/schedule/data position (e.g. BERT's phase 2); a resume wins over it.
-    init_from = cfg.get("init_from") if ckpt_path is None else None
-    if init_from:
-        check_init_from(init_from, data_cfg)
+    if source is not None and source.objective == objective_cfg.objective:
+        check_init_from(source.path, data_cfg)  # the same recipe continued: its tokenizer settings must agree
 
     L.seed_everything(cfg.seed, workers=True)
 
@@ -192,10 +200,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
 
     # 3. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
     dm = make_dm()
-    stored = ckpt_path or init_from
-    dm.connect(
-        tokenizer=tokenizer_from_checkpoint(stored) if stored else None, micro_batch_size=micro, accumulate=accum
-    )
+    stored = tokenizer_from_checkpoint(ckpt_path) if ckpt_path else source.tokenizer if source else None
+    dm.connect(tokenizer=stored, micro_batch_size=micro, accumulate=accum)
     tokenizer = dm.tokenizer
     n_vocab = tokenizer.get_vocab_size()
     if model_cfg.vocab_size is None:
@@ -210,8 +216,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     task = objective.task_class()(
         model_cfg, objective_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer
     )
-    if init_from:
-        init_weights_from(task, init_from)
+    if source is not None:
+        load_into(task, source)
     if cfg.get("compile"):
         task.net.compile()
     if trainer.is_global_zero:
@@ -344,6 +350,33 @@ def _command(tool: str) -> str:
         shown = str(path)
     shown = shlex.quote(shown)
     return shown if script.is_file() else f"{shown} -m lm_lab.{tool.replace('-', '_')}"
+
+
+def _model_from_source(composed: Any, source: Any) -> Any:
+    """The model config of an ``init_from`` run: the source's network and sizes; settings that may
+    change on resume (dropout, init) from the composed ``model`` when it is the same network."""
+    import dataclasses
+
+    from lm_lab.schema import resume_fields
+
+    if type(composed) is not type(source.model_cfg):
+        log.info(
+            "init_from=%s: the network is %s (from the source, not the model preset)", source.path, source.network.name
+        )
+        return source.model_cfg
+    free = {f.name for f in dataclasses.fields(composed)} - set(resume_fields(composed))
+    return dataclasses.replace(source.model_cfg, **{k: getattr(composed, k) for k in free})
+
+
+def _on_command_line(group: str) -> bool:
+    """Whether ``group=...`` (or ``group.key=...``) was given as an override (command line or compose)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == group for o in overrides)
 
 
 def _choice(group: str) -> str | None:

@@ -23,15 +23,14 @@ from safetensors.torch import save_file
 def hf_files(task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config dict, state dict) in Hugging Face layout for a loaded task, by its network's mapping
     in the registry (``lm_lab/models/<network>/hf.py``)."""
-    mapping = task.network_spec.hf_module()
-    config = mapping.hf_config_dict(task.model_cfg)
+    config, state = task.hf_files()
     tok = task.tokenizer
     if tok is not None:
         for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(tok, role, None)
             if value is not None:
                 config[role] = value
-    return config, mapping.hf_state_dict(task.net)
+    return config, state
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:

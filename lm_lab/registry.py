@@ -41,8 +41,8 @@ class NetworkSpec:
     ``lm``: the module pretraining objectives train, built as ``lm(config)``: for a decoder the network
     with its tied LM head (``forward(ids) -> logits``, ``hidden_states(ids)``); for an encoder the
     network with its pretraining heads (BERT's ``BertForPreTraining``).
-    ``backbone``: the plain network (hidden states and, for encoders, a pooled output) that task heads
-    sit on; for decoders the ``lm`` module itself (``hidden_states``).
+    ``backbone``: builds the plain network (hidden states and, for encoders, a pooled output) that
+    task heads sit on (``lm_lab.models.heads``); ``hf_prefix`` is its attribute in HF's task classes.
     ``hf``: the module with ``hf_config_dict(cfg)``, ``hf_state_dict(module)``,
     ``load_hf_state_dict(module, sd)`` and ``config_from_hf(dict)``; ``hf_model_type`` is the
     ``model_type`` of the ``config.json`` it writes and reads. ``None``: no Hugging Face counterpart.
@@ -53,9 +53,16 @@ class NetworkSpec:
     kind: Kind
     lm: Any
     backbone: Any = None
+    hf_prefix: str = ""
     hf: Any = None
     hf_model_type: str | None = None
     default_objective: str | None = None
+
+    def build_backbone(self, cfg: Any, **kwargs: Any) -> Any:
+        """The plain network task heads read (``hf_prefix``: its attribute name in HF's task classes)."""
+        if self.backbone is None:
+            raise ConfigError(f"network {self.name} has no plain backbone registered: it cannot carry a task head")
+        return _resolve(self.backbone)(cfg, **kwargs)
 
     def config_class(self) -> type:
         return _resolve(self.config)
@@ -118,6 +125,8 @@ register_network(
         config="lm_lab.models.gpt.model:GPTConfig",
         kind="decoder",
         lm="lm_lab.models.gpt.model:GPT",
+        backbone="lm_lab.models.gpt.model:backbone",
+        hf_prefix="transformer",
         hf="lm_lab.models.gpt.hf",
         hf_model_type="gpt2",
     )
@@ -128,6 +137,8 @@ register_network(
         config="lm_lab.models.llama.model:LlamaConfig",
         kind="decoder",
         lm="lm_lab.models.llama.model:Llama",
+        backbone="lm_lab.models.llama.model:backbone",
+        hf_prefix="model",
         hf="lm_lab.models.llama.hf",
         hf_model_type="llama",
     )
@@ -139,6 +150,7 @@ register_network(
         kind="encoder",
         lm="lm_lab.models.bert.heads:BertForPreTraining",
         backbone="lm_lab.models.bert.model:Bert",
+        hf_prefix="bert",
         hf="lm_lab.models.bert.hf",
         hf_model_type="bert",
     )

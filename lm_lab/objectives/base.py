@@ -132,6 +132,12 @@ class LMTask(L.LightningModule):
         """The module this objective trains (by default the registry's ``lm`` module of the network)."""
         return self.network_spec.build(self.model_cfg)
 
+    def hf_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(config.json contents, weights under HF's names) of the ``transformers`` class this task
+        exports as; by default the network's own mapping of its ``lm`` module (``models/<name>/hf.py``)."""
+        mapping = self.network_spec.hf_module()
+        return mapping.hf_config_dict(self.model_cfg), mapping.hf_state_dict(self.net)
+
     @property
     def network(self) -> str:
         """The registry name of the network (``gpt``, ``bert``, ``llama``, ...)."""

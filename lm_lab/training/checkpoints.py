@@ -502,26 +502,17 @@ def _plain_state(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def init_weights_from(task: Any, path: str | Path) -> None:
-    """Copy a checkpoint's weights (and ``tokens_seen``) into ``task``; nothing else is restored.
+    """Copy the weights of ``path`` (an lm_lab checkpoint or a Hugging Face directory) into ``task``;
+    nothing else is restored (``lm_lab.training.pretrained.load_into``)."""
+    from lm_lab.training.pretrained import load_into, read_source
 
-    For a new run that starts from trained weights (``init_from=``), e.g. BERT's phase 2 at 512
-    tokens after phase 1 at 128: the optimizer, LR schedule, step count and data position start fresh.
-    """
-    ckpt = read_checkpoint(path)
-    net = network_of_checkpoint(ckpt["hyper_parameters"])
-    if net.name != task.network:
+    source = read_source(path)
+    if source.network.name != task.network:
         raise CheckpointError(
-            f"init_from={path} is a {net.name} checkpoint but model is {task.network}: "
+            f"init_from={path} is a {source.network.name} checkpoint but model is {task.network}: "
             "pick a checkpoint of the same network"
         )
-    try:
-        task.load_state_dict(_plain_state(ckpt), strict=True)
-    except RuntimeError as e:
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise CheckpointError(
-            f"init_from={path} does not fit this model ({first}): use the model.* sizes of the run that wrote it"
-        ) from e
-    log.info("initialised weights from %s (%s tokens seen before)", path, f"{int(task.tokens_seen):,}")
+    load_into(task, source)
 
 
 def load_task(source: str | Path, *, able_to: str, hint: str) -> Any:

@@ -17,6 +17,7 @@ import torch
 
 from lm_lab.models.bert.heads import BertForPreTraining
 from lm_lab.models.bert.model import BertConfig
+from lm_lab.models.heads import HeadLayout
 from lm_lab.models.layers import HF_ACTIVATION_NAMES
 
 # Keys HF's state_dict lists that are aliases of another key (HF's ``_tied_weights_keys``).
@@ -81,7 +82,7 @@ def load_hf_state_dict(model: BertForPreTraining, sd: typing.Mapping[str, torch.
 
 
 def config_from_hf(hf: typing.Mapping[str, typing.Any]) -> BertConfig:
-    """The ``BertConfig`` of a BERT ``config.json`` (inference settings: dropout 0)."""
+    """The ``BertConfig`` of a BERT ``config.json``."""
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(
             f"position_embedding_type={hf['position_embedding_type']!r}: lm_lab's BERT has absolute positions only"
@@ -98,7 +99,24 @@ def config_from_hf(hf: typing.Mapping[str, typing.Any]) -> BertConfig:
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         pad_token_id=hf.get("pad_token_id") or 0,
         activation=act,
-        dropout=0.0,
-        attn_dropout=0.0,
+        dropout=hf.get("hidden_dropout_prob", 0.1),  # the training settings: eval() turns them off
+        attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         init_std=hf.get("initializer_range", 0.02),
     )
+
+
+# ---------------------------------------------------------------- task heads (BertFor*)
+HF_HEADS = {
+    "sequence_classification": HeadLayout("BertForSequenceClassification", "classifier", bias=True, dropout=True),
+    "token_classification": HeadLayout("BertForTokenClassification", "classifier", bias=True, dropout=True),
+}
+
+
+def to_hf_weights(sd: typing.Mapping[str, torch.Tensor], cfg: BertConfig) -> dict[str, torch.Tensor]:
+    """Any of our state dicts under HF's names (the same names), without the tied aliases."""
+    return {n: t.detach().cpu().clone() for n, t in sd.items() if n not in HF_TIED_KEYS}
+
+
+def from_hf_weights(sd: typing.Mapping[str, torch.Tensor], cfg: BertConfig) -> dict[str, torch.Tensor]:
+    """HF weights under our names, without the position/token-type buffers old checkpoints store."""
+    return {n: t for n, t in sd.items() if not n.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))}

@@ -199,14 +199,15 @@ class Bert(nn.Module):
     pretraining heads (``lm_lab.models.bert.heads``) and, later, classification heads.
     """
 
-    def __init__(self, cfg: BertConfig) -> None:
+    def __init__(self, cfg: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("BertConfig.vocab_size is None: set it (train() takes it from the tokenizer)")
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
-        self.pooler = BertPooler(cfg)
+        # Token classification reads no pooled output and HF's *ForTokenClassification has no pooler.
+        self.pooler = BertPooler(cfg) if add_pooling_layer else None
         # HF BERT init: N(0, init_std) for Linear/Embedding, zero biases, LN = (1, 0), zero pad row.
         for module in self.modules():
             init_normal_(module, cfg.init_std)
@@ -229,7 +230,7 @@ class Bert(nn.Module):
         # broadcasts over heads and query positions. None lets SDPA take its unmasked kernel.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         h = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, T, C)
-        return EncoderOutput(h, self.pooler(h) if pooled else None)
+        return EncoderOutput(h, self.pooler(h) if pooled and self.pooler is not None else None)
 
 
 __all__ = ["Bert", "BertConfig", "EncoderOutput"]

@@ -11,6 +11,7 @@ import typing
 import torch
 
 from lm_lab.models.gpt.model import GPT, GPTConfig
+from lm_lab.models.heads import HeadLayout
 from lm_lab.models.layers import HF_ACTIVATION_NAMES
 
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -66,7 +67,7 @@ def load_hf_state_dict(model: GPT, sd: typing.Mapping[str, torch.Tensor]) -> Non
 
 
 def config_from_hf(hf: typing.Mapping[str, typing.Any]) -> GPTConfig:
-    """The ``GPTConfig`` of a GPT-2 ``config.json`` (inference settings: dropout 0)."""
+    """The ``GPTConfig`` of a GPT-2 ``config.json``."""
     act = {v: k for k, v in HF_ACTIVATION_NAMES.items()}.get(hf.get("activation_function", "gelu_new"), "gelu_tanh")
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * hf["n_embd"]):
@@ -77,9 +78,46 @@ def config_from_hf(hf: typing.Mapping[str, typing.Any]) -> GPTConfig:
         n_head=hf["n_head"],
         n_embd=hf["n_embd"],
         max_seq_len=hf["n_positions"],
-        dropout=0.0,
+        dropout=hf.get("resid_pdrop", 0.0),  # the training setting: eval() turns it off
         bias=True,
         activation=act,
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         init_std=hf.get("initializer_range", 0.02),
     )
+
+
+# ---------------------------------------------------------------- task heads (GPT2For*)
+HF_HEADS = {
+    "sequence_classification": HeadLayout("GPT2ForSequenceClassification", "score", bias=False, dropout=False),
+    "token_classification": HeadLayout("GPT2ForTokenClassification", "classifier", bias=True, dropout=True),
+}
+
+
+def to_hf_weights(sd: typing.Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Any of our state dicts (LM, classifier, ...) under HF's names: Conv1D weights transposed, zero
+    biases added where ``bias=False`` (HF's GPT-2 always has them)."""
+    out = {
+        n: (t.detach().cpu().t().contiguous() if n.endswith(_CONV1D_SUFFIXES) else t.detach().cpu().clone())
+        for n, t in sd.items()
+    }
+    if not cfg.bias:
+        for name, t in list(out.items()):
+            if name.endswith(".weight") and ("ln_" in name or ".c_" in name):
+                size = t.shape[1] if name.endswith(_CONV1D_SUFFIXES) else t.shape[0]
+                out.setdefault(name[: -len("weight")] + "bias", torch.zeros(size, dtype=t.dtype))
+    return out
+
+
+def from_hf_weights(sd: typing.Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """HF weights under our names: Conv1D transposed back, the causal-mask buffers old checkpoints
+    store dropped, and (``bias=False``) the all-zero biases ``to_hf_weights`` wrote dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) and t.dim() != 1:
+            continue
+        if not cfg.bias and name.endswith(".bias") and ("ln_" in name or ".c_" in name):
+            if bool(t.abs().max() > 0):
+                raise ValueError(f"{name} is not zero but model.bias=false: use model.bias=true")
+            continue
+        out[name] = t.t() if name.endswith(_CONV1D_SUFFIXES) else t
+    return out

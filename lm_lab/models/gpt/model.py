@@ -104,21 +104,39 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class GPTBackbone(nn.Module):
+    """Token and position embeddings, the blocks and the final LayerNorm: HF's ``GPT2Model``
+    (``GPT.transformer``). The plain network that task heads read."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+
+    def forward(self, input_ids: torch.Tensor, **_: typing.Any) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) hidden states. Causal: right padding needs no mask (a position
+        never sees the padding after it); ``attention_mask``/``token_type_ids`` are accepted and ignored."""
+        t = input_ids.size(1)
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size is None: set it (train() takes it from the tokenizer)")
         self.config = cfg
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.max_seq_len, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
-            )
-        )
+        self.transformer = GPTBackbone(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # Tied input/output embeddings (GPT-2): one matrix, two uses.
         self.lm_head.weight = self.transformer.wte.weight
@@ -138,14 +156,7 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(idx))
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        b, t = idx.shape
-        if t > self.config.max_seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(t, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        return self.transformer.ln_f(x)
+        return self.transformer(idx)
 
     def estimate_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B): 6N for the weights plus attention's 12*L*C*T,
@@ -161,3 +172,8 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy; ``targets`` (B, T), -100 ignored."""
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def backbone(cfg: GPTConfig) -> GPTBackbone:
+    """The plain network, initialised exactly as inside ``GPT`` (the LM head is dropped)."""
+    return GPT(cfg).transformer

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from lm_lab.models.heads import HeadLayout
 from lm_lab.models.llama.model import Llama, LlamaConfig
 
 # transformers.LlamaConfig's defaults, for keys a config.json leaves out.
@@ -163,3 +164,20 @@ def load_hf_state_dict(net: Llama, sd: Mapping[str, torch.Tensor]) -> None:
 
 
 __all__ = ["config_from_hf", "hf_config_dict", "hf_state_dict", "load_hf_state_dict"]
+
+
+# ---------------------------------------------------------------- task heads (LlamaFor*)
+HF_HEADS = {
+    "sequence_classification": HeadLayout("LlamaForSequenceClassification", "score", bias=False, dropout=False),
+    "token_classification": HeadLayout("LlamaForTokenClassification", "score", bias=True, dropout=True),
+}
+
+
+def to_hf_weights(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Any of our state dicts under HF's names (they are the same names)."""
+    return {n: t.detach().cpu().clone() for n, t in sd.items()}
+
+
+def from_hf_weights(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """HF weights under our names, without the ``rotary_emb.inv_freq`` buffers old checkpoints store."""
+    return {n: t for n, t in sd.items() if not n.endswith("rotary_emb.inv_freq")}

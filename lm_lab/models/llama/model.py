@@ -240,7 +240,9 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, **_: typing.Any) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) hidden states. Causal: right padding needs no mask;
+        ``attention_mask``/``token_type_ids`` are accepted and ignored."""
         x = self.drop(self.embed_tokens(idx))  # (B, T, C)
         cos, sin = self.rotary_emb(idx.size(1), x.dtype)
         for layer in self.layers:
@@ -314,3 +316,8 @@ class Llama(nn.Module):
 
 
 __all__ = ["Llama", "LlamaConfig", "RMSNorm", "RotaryEmbedding", "apply_rotary", "rotate_half"]
+
+
+def backbone(cfg: LlamaConfig) -> LlamaBody:
+    """The plain network (HF's ``LlamaModel``), initialised exactly as inside ``Llama``."""
+    return Llama(cfg).model
