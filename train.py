@@ -203,6 +203,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     stored = tokenizer_from_checkpoint(ckpt_path) if ckpt_path else source.tokenizer if source else None
     dm.connect(tokenizer=stored, micro_batch_size=micro, accumulate=accum)
     tokenizer = dm.tokenizer
+    objective_cfg = dm.complete_settings(objective_cfg)  # e.g. the label set of a classifier
     n_vocab = tokenizer.get_vocab_size()
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=n_vocab)
@@ -259,6 +260,12 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         # Fit ended without validating its final weights (an epoch budget; max_steps runs validate
         # them inside fit, see FinalValidation): the reported and returned metrics are these.
         for results in trainer.validate(task, datamodule=dm, verbose=False):
+            metrics.update({k: float(v) for k, v in results.items()})
+    if dm.has_test():
+        # The test split, once, with the best checkpoint by the monitored validation metric.
+        ckpt_cb = trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        for results in trainer.test(task, datamodule=dm, ckpt_path=best or None, verbose=False):
             metrics.update({k: float(v) for k, v in results.items()})
     metrics.pop("step", None)  # the logged step number (see LMTask.on_before_optimizer_step)
     if trainer.is_global_zero:
@@ -321,7 +328,7 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
     if hasattr(task, "generate") and cfg.get("sample_tokens", 0) > 0:
         text = task.generate(cfg.sample_prompt, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
         print(f"\n--- sample ({cfg.sample_tokens} tokens) ---\n{cfg.sample_prompt}{text}\n---")
-    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("val/")}
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     print(f"final metrics: {shown}")
     ckpt_cb = getattr(trainer, "checkpoint_callback", None)
     last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None

@@ -91,6 +91,9 @@ class ObjectiveSpec:
     datamodule: Any
     kinds: tuple[Kind, ...]
     summary: str = ""
+    # The suffix of the transformers class an export of this objective is (e.g. "ForSequenceClassification");
+    # None: the network's own pretraining class.
+    hf_architecture: str | None = None
 
     def config_class(self) -> type:
         return _resolve(self.config)
@@ -220,6 +223,14 @@ def network_for_hf(model_type: str) -> NetworkSpec:
             return spec
     known = sorted(s.hf_model_type for s in NETWORKS.values() if s.hf_model_type)
     raise ConfigError(f"no lm_lab network reads Hugging Face model_type {model_type!r}: supported: {', '.join(known)}")
+
+
+def objective_for_hf(architecture: str, network_spec: NetworkSpec) -> ObjectiveSpec:
+    """The objective an exported directory was trained with, from its config.json ``architectures``."""
+    for spec in OBJECTIVES.values():
+        if spec.hf_architecture and architecture.endswith(spec.hf_architecture):
+            return spec
+    return objective(network_spec.objective)
 
 
 def default_objective_config(model_cfg: Any) -> Any:

@@ -125,6 +125,16 @@ class TextDataModule(L.LightningDataModule):
             train = train.select(range(limit))
         return (t for batch in train.iter(batch_size=1000) for t in batch["text"])
 
+    # ------------------------------------------------------------------ what the data decides
+    def complete_settings(self, objective: Any) -> Any:
+        """The objective's settings completed from the data (e.g. a classifier's label set), called
+        once by ``train.py`` before the task is built; by default unchanged."""
+        return objective
+
+    def has_test(self) -> bool:
+        """Whether there is a test split to evaluate the best checkpoint on after training."""
+        return False
+
     # ------------------------------------------------------------------ late binding
     def connect(
         self, *, tokenizer: Tokenizer | None = None, micro_batch_size: int | None = None, accumulate: int = 1

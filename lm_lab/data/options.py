@@ -25,6 +25,13 @@ class DataConfig(ConfigBase):
     name: str | None = None
     data_files: DataFiles = None
     text_column: str = "text"
+    # Labelled data (fine-tuning, evaluation): the label (or tag list), the second text of a pair,
+    # an SFT example's prompt and response, and the split the final test runs on.
+    label_column: str = "label"
+    text_pair_column: str | None = None
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    test_split: str | None = "test"
     split: str = "train"
     val_split: str | None = "validation"
     val_fraction: float = 0.1

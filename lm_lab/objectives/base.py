@@ -32,6 +32,9 @@ class StepOutput:
 
     loss: torch.Tensor
     metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # Outside training: (predictions, targets) for the task's torchmetrics (``LMTask.eval_metrics``),
+    # evaluation padding already removed.
+    predictions: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class WeightedMeans:
@@ -126,6 +129,7 @@ class LMTask(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self._train_means = WeightedMeans()  # this optimizer step's micro-batches so far
         self._val_means: dict[str, Any] = {}
+        self._eval_torchmetrics: dict[str, Any] = {}
         self.net = self.build_net()
 
     def build_net(self) -> nn.Module:
@@ -137,6 +141,15 @@ class LMTask(L.LightningModule):
         exports as; by default the network's own mapping of its ``lm`` module (``models/<name>/hf.py``)."""
         mapping = self.network_spec.hf_module()
         return mapping.hf_config_dict(self.model_cfg), mapping.hf_state_dict(self.net)
+
+    @classmethod
+    def settings_from_hf(cls, hf_config: dict[str, Any]) -> Any:
+        """This objective's settings for an exported directory's config.json (by default the defaults)."""
+        return cls.settings_class()
+
+    def load_hf_weights(self, weights: dict[str, Any]) -> None:
+        """Load weights under HF's names (an exported directory) into ``self.net``, strictly."""
+        self.network_spec.hf_module().load_hf_state_dict(self.net, weights)
 
     @property
     def network(self) -> str:
@@ -239,18 +252,31 @@ class LMTask(L.LightningModule):
         # validation after step N at N - 1).
         self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_means = {}
+    # ------------------------------------------------------------------ evaluation (validation and test)
+    def eval_metrics(self) -> dict[str, Any]:
+        """The task's own torchmetrics (accuracy, F1, ...), fed ``StepOutput.predictions``; a fresh
+        set is made for each evaluation. Token-weighted means (losses) need nothing here."""
+        return {}
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        for name, (mean, weight) in self._step(batch, "val").metrics.items():
+    def _eval_start(self) -> None:
+        self._val_means = {}
+        self._eval_torchmetrics = {k: m.to(self.device) for k, m in self.eval_metrics().items()}
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self._step(batch, stage)
+        for name, (mean, weight) in out.metrics.items():
             if name not in self._val_means:
                 # torchmetrics' weighted mean, in float64: every item (token, masked token, pair)
                 # of every rank weighs the same; synced over ranks when computed.
                 self._val_means[name] = MeanMetric(nan_strategy="error").set_dtype(torch.float64).to(self.device)
             self._val_means[name].update(mean.detach().double(), weight.detach().double())
+        if out.predictions is not None and self._eval_torchmetrics:
+            preds, target = out.predictions
+            if target.numel():
+                for metric in self._eval_torchmetrics.values():
+                    metric.update(preds.detach(), target.detach())
 
-    def on_validation_epoch_end(self) -> None:
+    def _eval_end(self, prefix: str) -> None:
         # Sums and counts over every sample of every rank, divided once: each validation sample
         # (each token, for token metrics) weighs the same whatever the batch and the world size.
         means = {name: metric.compute().float() for name, metric in sorted(self._val_means.items())}
@@ -258,10 +284,33 @@ class LMTask(L.LightningModule):
         values = self.combine(means)
         if self.ppl_source in values:
             values["ppl"] = torch.exp(values[self.ppl_source].clamp(max=50.0))
+        for name, metric in self._eval_torchmetrics.items():
+            if metric.update_count:
+                values[name] = torch.as_tensor(metric.compute(), dtype=torch.float32, device=self.device)
+        self._eval_torchmetrics = {}
         for name, value in values.items():
             # Already the global value on every rank: no further sync.
-            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=False)
-        self.log("step", float(self.trainer.global_step), sync_dist=False)  # the weights' step (see above)
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", sync_dist=False)
+        if prefix == "val":
+            self.log("step", float(self.trainer.global_step), sync_dist=False)  # the weights' step (see above)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
 
     ppl_source = "loss"  # val/ppl = exp(this aggregated metric)
 

@@ -530,7 +530,8 @@ def load_task(source: str | Path, *, able_to: str, hint: str) -> Any:
 
 def load_export_dir(path: Path) -> Any:
     """The task (eval mode) of a directory written by ``lm_lab.export``: the network is chosen by the
-    ``model_type`` of its config.json through the registry, the objective is the network's default."""
+    ``model_type`` of its config.json through the registry, the objective by its ``architectures``
+    (a ``...ForSequenceClassification`` is a classifier; the network's own class, its default objective)."""
     import json
 
     from safetensors.torch import load_file
@@ -548,7 +549,9 @@ def load_export_dir(path: Path) -> Any:
         model_cfg = mapping.config_from_hf(hf)
     except (ConfigError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    objective = registry.objective(net.objective)
-    task = objective.task_class()(model_cfg, objective.config_class()(), tokenizer=Tokenizer.from_file(str(tok_file)))
-    mapping.load_hf_state_dict(task.net, load_file(str(weights)))
+    objective = registry.objective_for_hf(str((hf.get("architectures") or [""])[0]), net)
+    task_cls = objective.task_class()
+    settings = task_cls.settings_from_hf(hf)
+    task = task_cls(model_cfg, settings, tokenizer=Tokenizer.from_file(str(tok_file)))
+    task.load_hf_weights(load_file(str(weights)))
     return task.eval()
