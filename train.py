@@ -201,7 +201,9 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     # 3. Data and tokenizer (a resumed run keeps the tokenizer stored in its checkpoint).
     dm = make_dm()
     stored = tokenizer_from_checkpoint(ckpt_path) if ckpt_path else source.tokenizer if source else None
-    dm.connect(tokenizer=stored, micro_batch_size=micro, accumulate=accum)
+    dm.connect(
+        tokenizer=stored, micro_batch_size=micro, accumulate=accum, network_kind=registry.network_of(model_cfg).kind
+    )
     tokenizer = dm.tokenizer
     objective_cfg = dm.complete_settings(objective_cfg)  # e.g. the label set of a classifier
     n_vocab = tokenizer.get_vocab_size()
@@ -335,13 +337,14 @@ def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float],
     print(f"run directory: {output_dir}")
     if last is not None and last.exists():
         ckpt = shlex.quote(str(last))
-        use = (
-            f"{_command('fill-mask')} {ckpt} 'The [MASK] is here.'"
-            if callable(getattr(task, "fill_mask", None))
-            else f"{_command('generate')} {ckpt} --prompt 'Hello'"
-        )
+        if callable(getattr(task, "fill_mask", None)):
+            use = f"{_command('fill-mask')} {ckpt} 'The [MASK] is here.'"
+        elif callable(getattr(task, "generate", None)):
+            use = f"{_command('generate')} {ckpt} --prompt 'Hello'"
+        else:
+            use = ""
         export = f"{_command('export')} {ckpt} {shlex.quote(str(output_dir / 'hf'))}"
-        print(f"checkpoint:    {last}\n  use it:  {use}\n  export:  {export}")
+        print(f"checkpoint:    {last}" + (f"\n  use it:  {use}" if use else "") + f"\n  export:  {export}")
 
 
 def _command(tool: str) -> str:

@@ -179,6 +179,18 @@ register_objective(
     )
 )
 
+register_objective(
+    ObjectiveSpec(
+        name="classification",
+        config="lm_lab.objectives.classification.settings:ClassificationConfig",
+        task="lm_lab.objectives.classification.task:ClassificationTask",
+        datamodule="lm_lab.objectives.classification.data:ClassificationDataModule",
+        kinds=("encoder", "decoder"),
+        summary="a label (or a number) per text or text pair: [CLS] pooled (encoders), last token (decoders)",
+        hf_architecture="ForSequenceClassification",
+    )
+)
+
 
 # ---------------------------------------------------------------------- lookups
 def network(name: str) -> NetworkSpec:

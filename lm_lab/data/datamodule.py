@@ -37,6 +37,7 @@ class TextDataModule(L.LightningDataModule):
     """
 
     default_tokenizer = "bpe"  # what data.tokenizer=auto trains
+    follows_network = False  # True: data.tokenizer=auto follows the network kind (see connect)
 
     def __init__(self, cfg: DataConfig, objective: Any = None, *, seed: int = 0) -> None:
         super().__init__()
@@ -137,13 +138,22 @@ class TextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ late binding
     def connect(
-        self, *, tokenizer: Tokenizer | None = None, micro_batch_size: int | None = None, accumulate: int = 1
+        self,
+        *,
+        tokenizer: Tokenizer | None = None,
+        micro_batch_size: int | None = None,
+        accumulate: int = 1,
+        network_kind: str | None = None,
     ) -> None:
         """Bind what is known only once the run is planned: a ``tokenizer`` to use instead of training
         or loading one (a resumed run's, or ``init_from``'s, stored in its checkpoint), the per-device
-        ``micro_batch_size`` and the micro-batches per optimizer step (``DataConfig.micro_batch``)."""
+        ``micro_batch_size`` and the micro-batches per optimizer step (``DataConfig.micro_batch``), and
+        the kind of network trained (``encoder``: ``data.tokenizer=auto`` trains WordPiece with BERT's
+        specials; objectives that fix the kind ignore it)."""
         if tokenizer is not None:
             self._tokenizer = tokenizer
+        if network_kind is not None and self.follows_network:
+            self.default_tokenizer = "wordpiece" if network_kind == "encoder" else "bpe"
         if micro_batch_size is not None:
             self.micro_batch_size = micro_batch_size
         self.accumulate = accumulate

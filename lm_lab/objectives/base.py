@@ -263,7 +263,9 @@ class LMTask(L.LightningModule):
         self._eval_torchmetrics = {k: m.to(self.device) for k, m in self.eval_metrics().items()}
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        out = self._step(batch, stage)
+        self._eval_update(self._step(batch, stage))
+
+    def _eval_update(self, out: StepOutput) -> None:
         for name, (mean, weight) in out.metrics.items():
             if name not in self._val_means:
                 # torchmetrics' weighted mean, in float64: every item (token, masked token, pair)

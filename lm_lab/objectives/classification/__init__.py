@@ -1,0 +1,1 @@
+"""``objective=classification``: sequence classification and regression on any network's plain forward."""
