@@ -105,7 +105,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     model_cfg = _build(cfg.model, "model")
     # init_from (not when resuming): the network, its sizes and the tokenizer come with the weights.
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    source = read_source(cfg.init_from) if cfg.get("init_from") and ckpt_path is None else None
+    # A resumed run names the same init_from: its network and sizes, not its weights (the checkpoint has them).
+    source = read_source(cfg.init_from) if cfg.get("init_from") else None
     preset_network = registry.network_of(model_cfg).name
     if source is not None:
         model_cfg = _model_from_source(model_cfg, source)
@@ -151,7 +152,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
             allow_data_change=allow_data_change,
         )
     # Weights only, fresh optimizer/schedule/data position (e.g. BERT's phase 2); a resume wins over it.
-    if source is not None and source.objective == objective_cfg.objective:
+    if source is not None and ckpt_path is None and source.objective == objective_cfg.objective:
         check_init_from(source.path, data_cfg)  # the same recipe continued: its tokenizer settings must agree
 
     L.seed_everything(cfg.seed, workers=True)
@@ -219,7 +220,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     task = objective.task_class()(
         model_cfg, objective_cfg, optimizer=optim_cfg, scheduler=sched_cfg, tokenizer=tokenizer
     )
-    if source is not None:
+    if source is not None and ckpt_path is None:
         load_into(task, source)
     if cfg.get("compile"):
         task.net.compile()

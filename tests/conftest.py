@@ -92,3 +92,12 @@ def model_preset(name: str) -> DictConfig:
     node = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
     node.pop("defaults", None)
     return node
+
+
+def step_losses(run_dir: Path) -> tuple[dict[int, float], int]:
+    """train/loss per step (the last row of each step wins) and the number of train/loss rows."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return {int(r["step"]): float(r["train/loss"]) for r in rows}, len(rows)

@@ -194,6 +194,18 @@ class LMTask(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: fn(step) / o.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """Set each learning rate from the schedule at the restored step. A resumed run whose budget
+        (``trainer.max_steps``, hence the decay length) changed would otherwise take its first step at
+        the learning rate the old schedule left in the optimizer state."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            lambdas = getattr(sched, "lr_lambdas", None)
+            if lambdas is None:
+                continue
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, lambdas, strict=True):
+                group["lr"] = base * fn(sched.last_epoch)
+
     def _max_steps(self) -> int:
         trainer = self._trainer
         if trainer is not None and trainer.max_steps and trainer.max_steps > 0:

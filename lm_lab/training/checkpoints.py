@@ -297,7 +297,8 @@ def _alive(pid: int) -> bool:
 
 
 def _diff(saved: dict[str, Any], now: dict[str, Any], keys: Any, section: str) -> list[str]:
-    """``section.key=now (checkpoint: saved)`` for each key set in both that differs."""
+    """``section.key=now (checkpoint: saved)`` for each key set in both that differs. A current value of
+    None or "auto" is decided later from the data (e.g. a classifier's labels) and not compared here."""
 
     def norm(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
@@ -305,7 +306,7 @@ def _diff(saved: dict[str, Any], now: dict[str, Any], keys: Any, section: str) -
     return [
         f"{section}.{k}={norm(now[k])!r} (checkpoint: {norm(saved[k])!r})"
         for k in keys
-        if k in saved and k in now and now[k] is not None and norm(saved[k]) != norm(now[k])
+        if k in saved and k in now and now[k] not in (None, "auto") and norm(saved[k]) != norm(now[k])
     ]
 
 

@@ -4,7 +4,6 @@ uninterrupted run's (dropout on, so the RNG streams matter too)."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SHAKESPEARE, compose_config
+from tests.conftest import REPO, SHAKESPEARE, compose_config, step_losses
 
 TRAIN = str(REPO / "train.py")
 STEPS = 40
@@ -112,13 +111,6 @@ def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, at_least: int, timeo
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError(f"no checkpoint at step >= {at_least} within {timeout}s")
-
-
-def step_losses(run_dir: Path) -> tuple[dict[int, float], int]:
-    """train/loss per step (the last row of each step wins) and the number of train/loss rows."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    return {int(r["step"]): float(r["train/loss"]) for r in rows}, len(rows)
 
 
 @pytest.fixture(scope="module")
