@@ -210,3 +210,44 @@ def test_fine_tuning_resumes_exactly_even_after_a_shorter_first_budget(
     assert sorted(got) == sorted(want) == list(range(1, 9))
     diffs = {s: abs(got[s] - want[s]) for s in want}
     assert max(diffs.values()) < 1e-6, diffs
+
+
+GLUE = [
+    "glue_cola",
+    "glue_sst2",
+    "glue_mrpc",
+    "glue_stsb",
+    "glue_qqp",
+    "glue_mnli",
+    "glue_qnli",
+    "glue_rte",
+    "rotten_tomatoes",
+]
+
+
+def test_hub_presets_compose_and_fail_offline_in_one_line(tmp_path: Path, shared_cache: Path) -> None:
+    import subprocess
+    import sys
+
+    from hydra.utils import instantiate
+
+    from tests.conftest import REPO
+
+    for name in GLUE:
+        cfg = compose_config(["objective=classification", f"data={name}"], tmp_path / name, shared_cache)
+        data = instantiate(cfg.data)
+        GlobalHydra.instance().clear()
+        assert (
+            data.path in ("nyu-mll/glue", "cornell-movie-review-data/rotten_tomatoes") and data.label_column == "label"
+        )
+        assert (data.text_pair_column is None) == (name in ("glue_cola", "glue_sst2", "rotten_tomatoes"))
+    for name in ("glue_mrpc", "rotten_tomatoes"):
+        out = subprocess.run(
+            [sys.executable, "train.py", "objective=classification", f"data={name}", f"hydra.run.dir={tmp_path / 'r'}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "Hub is unreachable" in out.stderr and not (tmp_path / "r").exists()
