@@ -312,3 +312,47 @@ def test_bad_input_is_one_line(case: str, decoder: dict, encoder: dict, files: d
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not out.exists()
+
+
+def test_classify_reports_the_classifier_metrics_on_a_labelled_file(tmp_path: Path, shared_cache: Path) -> None:
+    """A classifier fine-tuned with objective=classification, scored on the polarity test file; the
+    accuracy equals the one computed here from the model's own predictions, checkpoint and export alike."""
+    from lm_lab.data.labelled import labelled_files
+
+    files = labelled_files(SHARED / "sentence_polarity")
+    cfg = compose_config(
+        [
+            *TINY,
+            "objective=classification",
+            "model=bert_tiny",
+            "data=files",
+            f"data.data_files={{train: {files['train']}, validation: {files['validation']}}}",
+            "data.vocab_size=1000",
+            "data.block_size=48",
+            "data.batch_size=8",
+            "sample_tokens=0",
+        ],
+        tmp_path / "run",
+        shared_cache,
+    )
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    rows = [json.loads(line) for line in Path(files["test"]).read_text().splitlines()][:120]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_checkpoint(ckpt)
+    predicted = task.predict([r["text"] for r in rows])
+    want = sum(p == str(r["label"]) for p, r in zip(predicted, rows, strict=True)) / len(rows)
+    results = []
+    for source in (ckpt, export(ckpt, tmp_path / "hf")):
+        out = tmp_path / f"{Path(source).name}.json"
+        assert main([str(source), "classify", "--data", str(data), "--output", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    for payload in results:
+        assert payload["objective"] == "classification" and payload["settings"]["labels"] == ["0", "1"]
+        assert payload["metrics"]["n"] == len(rows)
+        assert payload["metrics"]["accuracy"] == pytest.approx(want, abs=1e-6)
+        assert {"f1", "mcc"} <= payload["metrics"].keys()
