@@ -190,6 +190,17 @@ register_objective(
         hf_architecture="ForSequenceClassification",
     )
 )
+register_objective(
+    ObjectiveSpec(
+        name="token_classification",
+        config="lm_lab.objectives.token_classification.settings:TokenClassificationConfig",
+        task="lm_lab.objectives.token_classification.task:TokenClassificationTask",
+        datamodule="lm_lab.objectives.token_classification.data:TokenClassificationDataModule",
+        kinds=("encoder", "decoder"),
+        summary="a tag per word (part of speech, BIO entities) at each word's first sub-token",
+        hf_architecture="ForTokenClassification",
+    )
+)
 
 
 # ---------------------------------------------------------------------- lookups
