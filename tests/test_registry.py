@@ -17,15 +17,38 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from lm_lab import registry
+from lm_lab.data.labelled import labelled_files
 from lm_lab.errors import CheckpointError
 from lm_lab.export import export
 from lm_lab.schema import RESUME_FREE, ConfigBase, ConfigError
 from lm_lab.training.checkpoints import check_resume, load_checkpoint, load_export_dir
-from tests.conftest import REPO, SHAKESPEARE, TINY, compose_config
+from tests.conftest import REPO, SHAKESPEARE, SHARED, TINY, compose_config
 from train import moved_key_error, train
 
 SHAKES = [f"data.data_files={SHAKESPEARE}", "data.path=text", "data.sample_by=paragraph"]
 QUICK = [*TINY, *SHAKES, "trainer.max_steps=3", "trainer.val_check_interval=3", "sample_tokens=0"]
+
+
+def _labelled(name: str, *extra: str) -> list[str]:
+    files = labelled_files(SHARED / name)
+    return [
+        "data=files",
+        "data.path=null",
+        "data.data_files={" + ", ".join(f"{k}: {v}" for k, v in files.items()) + "}",
+        *extra,
+    ]
+
+
+# The data each objective trains on here (every registered objective must have an entry).
+OBJECTIVE_DATA = {
+    "causal_lm": [],
+    "masked_lm": [],
+    "classification": _labelled("sentence_polarity", "data.block_size=48"),
+    "token_classification": _labelled(
+        "wsj_pos", "data.text_column=tokens", "data.label_column=tags", "data.block_size=64"
+    ),
+    "sft": _labelled("chatterbot_qa", "data.block_size=64"),
+}
 # One CPU preset per registered network: <network>_tiny.
 PAIRS = [
     (net, obj)
@@ -51,7 +74,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> typ
     def get(net: str, obj: str) -> Path:
         if (net, obj) not in done:
             run_dir = tmp_path_factory.mktemp(f"{net}_{obj}")
-            metrics, objects = run([*QUICK, f"model={net}_tiny", f"objective={obj}"], run_dir, shared_cache)
+            data = OBJECTIVE_DATA[obj]
+            metrics, objects = run([*QUICK, *data, f"model={net}_tiny", f"objective={obj}"], run_dir, shared_cache)
             task = objects["task"]
             assert task.network == net and task.objective_spec.name == obj
             assert metrics["val/loss"] > 0 and torch.isfinite(torch.tensor(metrics["val/loss"]))
@@ -59,6 +83,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> typ
         return done[net, obj]
 
     return get
+
+
+def test_every_objective_is_trained_here() -> None:
+    assert set(registry.OBJECTIVES) <= set(OBJECTIVE_DATA), "add the new objective's data to OBJECTIVE_DATA"
 
 
 def test_every_network_has_a_tiny_preset_and_a_default_objective() -> None:
