@@ -179,6 +179,17 @@ register_objective(
     )
 )
 
+register_objective(
+    ObjectiveSpec(
+        name="sft",
+        config="lm_lab.objectives.sft.settings:SFTConfig",
+        task="lm_lab.objectives.sft.task:SFTTask",
+        datamodule="lm_lab.objectives.sft.data:SFTDataModule",
+        kinds=("decoder",),
+        summary="instruction fine-tuning on prompt/response pairs in a prompt template (loss on the responses)",
+    )
+)
+
 
 # ---------------------------------------------------------------------- lookups
 def network(name: str) -> NetworkSpec:

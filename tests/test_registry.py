@@ -26,6 +26,24 @@ from train import moved_key_error, train
 
 SHAKES = [f"data.data_files={SHAKESPEARE}", "data.path=text", "data.sample_by=paragraph"]
 QUICK = [*TINY, *SHAKES, "trainer.max_steps=3", "trainer.val_check_interval=3", "sample_tokens=0"]
+# Objectives that read labelled rows instead of running text: their data.
+CHATTERBOT = REPO.parent / "shared" / "data" / "chatterbot_qa"
+LABELLED = {
+    "sft": [
+        "data.path=null",
+        f"data.data_files={{train: {CHATTERBOT / 'train.jsonl'}, test: {CHATTERBOT / 'test.jsonl'}}}",
+        "data.block_size=64",
+    ],
+}
+
+
+def quick(obj: str) -> list[str]:
+    """QUICK, with the objective's own data when it needs labelled rows."""
+    if obj not in LABELLED:
+        return QUICK
+    return [o for o in QUICK if o not in SHAKES and not o.startswith("data.block_size=")] + LABELLED[obj]
+
+
 # One CPU preset per registered network: <network>_tiny.
 PAIRS = [
     (net, obj)
@@ -51,7 +69,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> typ
     def get(net: str, obj: str) -> Path:
         if (net, obj) not in done:
             run_dir = tmp_path_factory.mktemp(f"{net}_{obj}")
-            metrics, objects = run([*QUICK, f"model={net}_tiny", f"objective={obj}"], run_dir, shared_cache)
+            metrics, objects = run([*quick(obj), f"model={net}_tiny", f"objective={obj}"], run_dir, shared_cache)
             task = objects["task"]
             assert task.network == net and task.objective_spec.name == obj
             assert metrics["val/loss"] > 0 and torch.isfinite(torch.tensor(metrics["val/loss"]))
