@@ -1,10 +1,14 @@
 """Sample text from a trained decoder (GPT-2, Llama): a checkpoint or an exported Hugging Face directory.
 
     python -m lm_lab.generate SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T]
-                              [--top-k K] [--top-p P] [--seed S]
+                              [--top-k K] [--top-p P] [--seed S] [--raw]
 
 ``--temperature 0`` is greedy decoding and gives the same text from a checkpoint and from its
 export (the exported weights are loaded back into lm_lab's own model).
+
+A checkpoint of an instruction-tuned model (``objective=sft``) answers the prompt in its own
+template (``objective.template``, named on stderr); ``--raw`` continues the prompt as it is. The
+output is the prompt as given followed by the generated text.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="continue the prompt as it is, without an instruction-tuned checkpoint's prompt template",
+    )
     args = p.parse_args(argv)
     from lm_lab.errors import USER_ERRORS
 
@@ -47,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    options: dict[str, Any] = {}
+    if callable(getattr(task, "format_prompt", None)):  # an instruction-tuned model (objective=sft)
+        options["raw"] = args.raw
+        if not args.raw:
+            print(
+                f"prompt template (objective.template; --raw to skip it): {task.objective_cfg.template!r}",
+                file=sys.stderr,
+            )
     text = task.generate(
         args.prompt,
         args.max_new_tokens,
@@ -54,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        **options,
     )
     sys.stdout.write(args.prompt + text + "\n")
     return 0

@@ -201,6 +201,16 @@ register_objective(
         hf_architecture="ForTokenClassification",
     )
 )
+register_objective(
+    ObjectiveSpec(
+        name="sft",
+        config="lm_lab.objectives.sft.settings:SFTConfig",
+        task="lm_lab.objectives.sft.task:SFTTask",
+        datamodule="lm_lab.objectives.sft.data:SFTDataModule",
+        kinds=("decoder",),
+        summary="instruction fine-tuning on prompt/response pairs in a prompt template (loss on the responses)",
+    )
+)
 
 
 # ---------------------------------------------------------------------- lookups
@@ -282,10 +292,10 @@ def describe() -> str:
     lines = ["networks:"]
     for name, s in sorted(NETWORKS.items()):
         hf = f", Hugging Face {s.hf_model_type}" if s.hf_model_type else ""
-        lines.append(f"  {name:<10} {s.kind}, default objective {s.objective}{hf}")
+        lines.append(f"  {name:<22} {s.kind}, default objective {s.objective}{hf}")
     lines.append("objectives:")
     for name, o in sorted(OBJECTIVES.items()):
-        lines.append(f"  {name:<10} {'/'.join(o.kinds)}: {o.summary}")
+X
     return "\n".join(lines)
 
 

@@ -35,9 +35,12 @@ class LabelledSplits:
     description: str
 
 
-def load_labelled(cfg: DataConfig, columns: dict[str, str], *, seed: int = 0) -> LabelledSplits:
+def load_labelled(
+    cfg: DataConfig, columns: dict[str, str], *, seed: int = 0, keys: dict[str, str] | None = None
+) -> LabelledSplits:
     """The splits of ``cfg`` with only ``columns`` ({column name: kind}), renamed to nothing: the
-    caller reads them by the names it asked for."""
+    caller reads them by the names it asked for. ``keys`` ({column name: config key}) names the
+    setting an error about a column tells the user to change (by default the kind's usual key)."""
     if cfg.path == "pydocs" and cfg.data_files is None:
         raise DataError(
             "this objective needs a labelled dataset: use data=files "
@@ -77,11 +80,11 @@ def load_labelled(cfg: DataConfig, columns: dict[str, str], *, seed: int = 0) ->
             f"the dataset has no split {cfg.split!r} (it has {splits}): set data.split or name the files by split"
         )
     source = ", ".join(str(p) for p in files) or builder
-    train = _columns(loaded[cfg.split], columns, f"{source} [{cfg.split}]")
+    train = _columns(loaded[cfg.split], columns, f"{source} [{cfg.split}]", keys)
     content = content_digest(cfg.data_files) if files else getattr(loaded[cfg.split], "_fingerprint", None)
     key = {"builder": builder, "name": cfg.name, "content": content, "columns": columns, "split": cfg.split}
     if cfg.val_split and cfg.val_split in splits:
-        validation = _columns(loaded[cfg.val_split], columns, f"{source} [{cfg.val_split}]")
+        validation = _columns(loaded[cfg.val_split], columns, f"{source} [{cfg.val_split}]", keys)
     else:
         n_val = max(1, int(round(len(train) * cfg.val_fraction)))
         if len(train) < 2:
@@ -90,7 +93,7 @@ def load_labelled(cfg: DataConfig, columns: dict[str, str], *, seed: int = 0) ->
         train, validation = parts["train"], parts["test"]
         key["val_fraction"] = cfg.val_fraction
     test_split = getattr(cfg, "test_split", "test")
-    test = _columns(loaded[test_split], columns, f"{source} [{test_split}]") if test_split in splits else None
+    test = _columns(loaded[test_split], columns, f"{source} [{test_split}]", keys) if test_split in splits else None
     for name, ds in (("training", train), ("validation", validation), ("test", test)):
         if ds is not None and len(ds) == 0:
             raise DataError(f"the {name} split is empty: check data.data_files")
@@ -103,11 +106,13 @@ def load_labelled(cfg: DataConfig, columns: dict[str, str], *, seed: int = 0) ->
     return LabelledSplits(train, validation, test, fp, desc)
 
 
-def _columns(ds: datasets.Dataset, columns: dict[str, str], source: str) -> datasets.Dataset:
+def _columns(
+    ds: datasets.Dataset, columns: dict[str, str], source: str, keys: dict[str, str] | None = None
+) -> datasets.Dataset:
     have = ds.column_names
     for col, kind in columns.items():
         if col not in have:
-            key = {
+            key = (keys or {}).get(col) or {
                 "text": "data.text_column",
                 "words": "data.text_column",
                 "label": "data.label_column",
