@@ -295,7 +295,7 @@ def describe() -> str:
         lines.append(f"  {name:<22} {s.kind}, default objective {s.objective}{hf}")
     lines.append("objectives:")
     for name, o in sorted(OBJECTIVES.items()):
-X
+        lines.append(f"  {name:<22} {'/'.join(o.kinds)}: {o.summary}")
     return "\n".join(lines)
 
 
