@@ -277,14 +277,19 @@ def check_combination(
     """Refuse (one line) an objective that cannot train this network, e.g. masked LM on a causal decoder."""
     net, obj = network_of(model_cfg), objective_of(objective_cfg)
     if net.kind not in obj.kinds:
-        fits = sorted(n for n, o in OBJECTIVES.items() if net.kind in o.kinds)
+        others = sorted(n for n, o in OBJECTIVES.items() if net.kind in o.kinds and n != net.objective)
         nets = sorted(n for n, s in NETWORKS.items() if s.kind in obj.kinds)
         shown = f"model {model_name} ({net.name})" if model_name else f"the {net.name} network"
+        also = f" (also for {net.kind}s: {', '.join(others)})" if others else ""
         raise ConfigError(
-            f"objective={obj.name} trains {' or '.join(obj.kinds)} networks but {shown} is a {net.kind}: "
-            f"use objective={' or objective='.join(fits)}, or a {'/'.join(nets)} model"
+            f"objective={obj.name} trains {' or '.join(obj.kinds)} networks but {shown} is {_a(net.kind)}: "
+            f"use objective={net.objective}{also}, or a {'/'.join(nets)} model"
         )
     return net, obj
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
 def describe() -> str:

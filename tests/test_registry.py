@@ -118,7 +118,7 @@ def test_every_valid_pair_trains_and_reloads(net: str, obj: str, trained) -> Non
         (["model=gpt_tiny", "objective=masked_lm"], r"model gpt_tiny \(gpt\) is a decoder"),
         (
             ["model=bert_tiny", "objective=causal_lm"],
-            r"objective=causal_lm trains decoder networks but model bert_tiny \(bert\) is a encoder: use objective=masked_lm",
+            r"objective=causal_lm trains decoder networks but model bert_tiny \(bert\) is an encoder: use objective=masked_lm \(also",
         ),
     ],
 )
@@ -140,7 +140,7 @@ def test_invalid_combination_is_one_line_on_the_command_line(tmp_path: Path) -> 
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: objective=masked_lm trains encoder networks but model llama_tiny (llama) is a decoder: "
-        "use objective=causal_lm, or a bert model"
+        "use objective=causal_lm (also for decoders: classification, sft, token_classification), or a bert model"
     ]
     assert not (tmp_path / "r").exists()
 

@@ -146,7 +146,7 @@ def test_an_incompatible_source_is_refused_in_one_line(
     pretrained_bert: Path, tmp_path: Path, shared_cache: Path
 ) -> None:
     with pytest.raises(
-        ConfigError, match=r"objective=causal_lm trains decoder networks but model from init_from=.* is a encoder"
+        ConfigError, match=r"objective=causal_lm trains decoder networks but model from init_from=.* is an encoder"
     ):
         run([*TINY, "objective=causal_lm", f"init_from={pretrained_bert}"], tmp_path / "r", shared_cache)
     bad = tmp_path / "not_a_model"
