@@ -15,28 +15,19 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader
 
-from lm_lab.data.datamodule import TextDataModule
-from lm_lab.data.labelled import LabelledSplits, load_labelled
 from lm_lab.data.options import DataConfig
 from lm_lab.data.sources import DataError
 from lm_lab.data.tokenizer import eot_id, is_bert_style
 from lm_lab.objectives.classification.settings import ClassificationConfig
+from lm_lab.objectives.supervised import LabelledDataModule
 
 log = logging.getLogger("lm_lab")
 
 
-class ClassificationDataModule(TextDataModule):
-    default_tokenizer = "bpe"
-    follows_network = True  # data.tokenizer=auto: WordPiece for an encoder trained from scratch
-
+class ClassificationDataModule(LabelledDataModule):
     def __init__(self, cfg: DataConfig, objective: ClassificationConfig | None = None, *, seed: int = 0) -> None:
         super().__init__(cfg, objective or ClassificationConfig(), seed=seed)
-        self._splits: LabelledSplits | None = None
-        self.train_set: list[dict[str, Any]] | None = None
-        self.val_set: list[dict[str, Any]] | None = None
-        self.test_set: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ rows and labels
     @property
@@ -47,16 +38,6 @@ class ClassificationDataModule(TextDataModule):
             cols[c.text_pair_column] = "text"
         return cols
 
-    @property
-    def splits(self) -> LabelledSplits:
-        if self._splits is None:
-            self._splits = load_labelled(self.cfg, self.columns, seed=self.seed)
-            log.info("labelled data: %s", self._splits.description)
-        return self._splits
-
-    def corpus_fingerprint(self) -> str | None:
-        return self._splits.fingerprint if self._splits is not None else None
-
     def _training_texts(self) -> Any:
         """A tokenizer trained from scratch learns the training split's texts (and pairs)."""
         c, train = self.cfg, self.splits.train
@@ -64,10 +45,6 @@ class ClassificationDataModule(TextDataModule):
             yield row[c.text_column]
             if c.text_pair_column:
                 yield row[c.text_pair_column]
-
-    @property
-    def corpus(self) -> Any:  # the tokenizer cache keys on the corpus fingerprint
-        return _CorpusKey(self.splits.fingerprint)
 
     def complete_settings(self, objective: ClassificationConfig) -> ClassificationConfig:
         """Resolve ``problem_type`` (auto: numbers that are not all integers mean regression) and the
@@ -111,19 +88,7 @@ class ClassificationDataModule(TextDataModule):
         log.info("labels (%d): %s", len(labels), ", ".join(labels))
         return self.objective_cfg
 
-    def _named_splits(self) -> list[tuple[str, Any]]:
-        s = self.splits
-        return [
-            (n, d) for n, d in (("training", s.train), ("validation", s.validation), ("test", s.test)) if d is not None
-        ]
-
-    def has_test(self) -> bool:
-        return self.splits.test is not None
-
     # ------------------------------------------------------------------ tokens
-    def prepare_data(self) -> None:
-        self.splits  # noqa: B018  (loads and checks the files once, before the Trainer's setup)
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -142,11 +107,7 @@ class ClassificationDataModule(TextDataModule):
             longest,
             self.cfg.block_size,
         )
-        if len(self.train_set) < self.global_batch_size():
-            raise DataError(
-                f"the training split has {len(self.train_set)} rows, fewer than one batch of "
-                f"{self.global_batch_size()} (data.batch_size): use a smaller data.batch_size"
-            )
+        self.check_batch()
 
     def _encode(self, ds: Any) -> list[dict[str, Any]]:
         c, o, tok = self.cfg, self.objective_cfg, self.tokenizer
@@ -174,14 +135,6 @@ class ClassificationDataModule(TextDataModule):
             row["labels"] = float(label) if o.problem_type == "regression" else index[str(label)]
         return rows
 
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        pad = tok.token_to_id("[PAD]")
-        if pad is None:
-            pad = eot_id(tok)
-        return 0 if pad is None else pad
-
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest row of the batch."""
         width = max(len(r["input_ids"]) for r in rows)
@@ -200,23 +153,3 @@ class ClassificationDataModule(TextDataModule):
         if types is not None:
             batch["token_type_ids"] = types
         return batch
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        sampler = self._make_train_sampler(len(self.train_set))
-        return self._loader(self.train_set, sampler=sampler, collate_fn=self.collate, step_group=self.accumulate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set, seed=1234, collate_fn=self.collate)
-
-    def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
-            raise DataError("there is no test split: name one in data.data_files (test: file)")
-        return self._eval_loader(self.test_set, seed=1234, collate_fn=self.collate)
-
-
-@dataclasses.dataclass
-class _CorpusKey:
-    """What the tokenizer cache and resume checks read of a corpus: its fingerprint."""
-
-    fingerprint: str

@@ -9,6 +9,7 @@ with ``id2label`` / ``label2id`` from the label set.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -16,25 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_lab.models.heads import SequenceClassifier
-from lm_lab.objectives.base import LMTask, StepOutput
+from lm_lab.objectives.base import StepOutput
 from lm_lab.objectives.classification.settings import ClassificationConfig
+from lm_lab.objectives.supervised import HeadTask
 
-HEAD_KIND = "sequence_classification"
 
-
-class ClassificationTask(LMTask):
+class ClassificationTask(HeadTask):
     settings_class = ClassificationConfig
-    ppl_source = ""  # no perplexity
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.objective_cfg.freeze_backbone:  # a linear probe: only the head learns
-            for p in self.net.backbone.parameters():
-                p.requires_grad_(False)
-
-    @property
-    def layout(self) -> Any:
-        return self.network_spec.hf_module().HF_HEADS[HEAD_KIND]
+    head_kind = "sequence_classification"
 
     def build_net(self) -> nn.Module:
         spec, cfg = self.network_spec, self.model_cfg
@@ -51,9 +41,6 @@ class ClassificationTask(LMTask):
             getattr(cfg, "dropout", 0.0),
             encoder=encoder,
         )
-
-    def head_parameter_names(self) -> list[str]:
-        return [f"{self.layout.name}.{n}" for n, _ in self.net.head.named_parameters()]
 
     @property
     def regression(self) -> bool:
@@ -133,34 +120,20 @@ class ClassificationTask(LMTask):
         return out
 
     # ------------------------------------------------------------------ Hugging Face
-    def hf_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        mapping = self.network_spec.hf_module()
-        config = mapping.hf_config_dict(self.model_cfg)
-        config["architectures"] = [self.layout.hf_class]
-        o = self.objective_cfg
+    def hf_labels(self, config: dict[str, Any]) -> None:
         if self.regression:
             config.update(num_labels=1, problem_type="regression")
         else:
-            config.update(
-                id2label={i: name for i, name in enumerate(o.labels)},
-                label2id={name: i for i, name in enumerate(o.labels)},
-                problem_type="single_label_classification",
-            )
+            super().hf_labels(config)
+            config["problem_type"] = "single_label_classification"
         if self.network_spec.kind == "decoder":
             from lm_lab.data.tokenizer import eot_id
 
             pad = eot_id(self.tokenizer_backend) if self.tokenizer_backend is not None else None
             config["pad_token_id"] = 0 if pad is None else pad  # the padding the last-token pooling skips
-        return config, mapping.to_hf_weights(self.net.state_dict(), self.model_cfg)
 
     @classmethod
     def settings_from_hf(cls, hf_config: dict[str, Any]) -> ClassificationConfig:
         if hf_config.get("problem_type") == "regression" or hf_config.get("num_labels") == 1:
             return ClassificationConfig(problem_type="regression")
-        id2label = hf_config.get("id2label") or {}
-        labels = [id2label[k] for k in sorted(id2label, key=int)]
-        return ClassificationConfig(problem_type="single_label", labels=labels)
-
-    def load_hf_weights(self, weights: dict[str, Any]) -> None:
-        mapping = self.network_spec.hf_module()
-        self.net.load_state_dict(mapping.from_hf_weights(weights, self.model_cfg), strict=True)
+        return dataclasses.replace(super().settings_from_hf(hf_config), problem_type="single_label")

@@ -19,13 +19,11 @@ from typing import Any, NamedTuple
 
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader
 
-from lm_lab.data.datamodule import TextDataModule
-from lm_lab.data.labelled import LabelledSplits, load_labelled
 from lm_lab.data.options import DataConfig
 from lm_lab.data.sources import DataError
 from lm_lab.data.tokenizer import eot_id, is_bert_style
+from lm_lab.objectives.supervised import LabelledDataModule
 from lm_lab.objectives.token_classification.settings import TokenClassificationConfig, is_bio
 
 log = logging.getLogger("lm_lab")
@@ -95,43 +93,16 @@ def align_labels(
     return labels, starts
 
 
-class TokenClassificationDataModule(TextDataModule):
-    default_tokenizer = "bpe"
-    follows_network = True  # data.tokenizer=auto: WordPiece for an encoder trained from scratch
-
+class TokenClassificationDataModule(LabelledDataModule):
     def __init__(self, cfg: DataConfig, objective: TokenClassificationConfig | None = None, *, seed: int = 0) -> None:
         super().__init__(cfg, objective or TokenClassificationConfig(), seed=seed)
-        self._splits: LabelledSplits | None = None
         self._rows: dict[str, tuple[list[list[str]], list[list[str]]]] = {}
         self._completed = False
-        self.train_set: list[dict[str, Any]] | None = None
-        self.val_set: list[dict[str, Any]] | None = None
-        self.test_set: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ rows and tags
     @property
     def columns(self) -> dict[str, str]:
         return {self.cfg.text_column: "words", self.cfg.label_column: "tags"}
-
-    @property
-    def splits(self) -> LabelledSplits:
-        if self._splits is None:
-            self._splits = load_labelled(self.cfg, self.columns, seed=self.seed)
-            log.info("labelled data: %s", self._splits.description)
-        return self._splits
-
-    def corpus_fingerprint(self) -> str | None:
-        return self._splits.fingerprint if self._splits is not None else None
-
-    @property
-    def corpus(self) -> Any:  # the tokenizer cache keys on the corpus fingerprint
-        return _CorpusKey(self.splits.fingerprint)
-
-    def _named_splits(self) -> list[tuple[str, Any]]:
-        s = self.splits
-        return [
-            (n, d) for n, d in (("training", s.train), ("validation", s.validation), ("test", s.test)) if d is not None
-        ]
 
     def rows(self, split: str) -> tuple[list[list[str]], list[list[str]]]:
         """(words, tags) of every row of ``split`` (training / validation / test), checked: lists of
@@ -206,13 +177,7 @@ class TokenClassificationDataModule(TextDataModule):
         )
         return self.objective_cfg
 
-    def has_test(self) -> bool:
-        return self.splits.test is not None
-
     # ------------------------------------------------------------------ tokens
-    def prepare_data(self) -> None:
-        self.splits  # noqa: B018  (loads and checks the files once, before the Trainer's setup)
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -221,11 +186,7 @@ class TokenClassificationDataModule(TextDataModule):
         self.train_set = self._encode("training")
         self.val_set = self._encode("validation")
         self.test_set = self._encode("test") if self.splits.test is not None else None
-        if len(self.train_set) < self.global_batch_size():
-            raise DataError(
-                f"the training split has {len(self.train_set)} rows, fewer than one batch of "
-                f"{self.global_batch_size()} (data.batch_size): use a smaller data.batch_size"
-            )
+        self.check_batch()
 
     def _encode(self, split: str) -> list[dict[str, Any]]:
         c, o = self.cfg, self.objective_cfg
@@ -259,14 +220,6 @@ class TokenClassificationDataModule(TextDataModule):
         )
         return rows
 
-    @property
-    def pad_id(self) -> int:
-        tok = self.tokenizer
-        pad = tok.token_to_id("[PAD]")
-        if pad is None:
-            pad = eot_id(tok)
-        return 0 if pad is None else pad
-
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest row of the batch (labels with -100)."""
         width = max(len(r["input_ids"]) for r in rows)
@@ -288,19 +241,6 @@ class TokenClassificationDataModule(TextDataModule):
             batch["token_type_ids"] = types
         return batch
 
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
-        sampler = self._make_train_sampler(len(self.train_set))
-        return self._loader(self.train_set, sampler=sampler, collate_fn=self.collate, step_group=self.accumulate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set, seed=1234, collate_fn=self.collate)
-
-    def test_dataloader(self) -> DataLoader:
-        if self.test_set is None:
-            raise DataError("there is no test split: name one in data.data_files (test: file)")
-        return self._eval_loader(self.test_set, seed=1234, collate_fn=self.collate)
-
 
 def _tag_names(feature: Any) -> list[str] | None:
     """The names of a ``Sequence(ClassLabel)`` tag column, else None."""
@@ -314,10 +254,3 @@ def _tag_names(feature: Any) -> list[str] | None:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-@dataclasses.dataclass
-class _CorpusKey:
-    """What the tokenizer cache and resume checks read of a corpus: its fingerprint."""
-
-    fingerprint: str

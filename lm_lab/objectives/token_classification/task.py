@@ -20,10 +20,10 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lm_lab.models.heads import TokenClassifier
-from lm_lab.objectives.base import LMTask, StepOutput
+from lm_lab.objectives.base import StepOutput
+from lm_lab.objectives.supervised import HeadTask
 from lm_lab.objectives.token_classification.settings import TokenClassificationConfig
 
-HEAD_KIND = "token_classification"
 Score = Literal["precision", "recall", "f1"]
 
 
@@ -85,19 +85,9 @@ class EntityScore(Metric):
         return torch.tensor(entity_scores(gold, predicted)[self.score] if gold else 0.0)
 
 
-class TokenClassificationTask(LMTask):
+class TokenClassificationTask(HeadTask):
     settings_class = TokenClassificationConfig
-    ppl_source = ""  # no perplexity
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.objective_cfg.freeze_backbone:  # a linear probe: only the head learns
-            for p in self.net.backbone.parameters():
-                p.requires_grad_(False)
-
-    @property
-    def layout(self) -> Any:
-        return self.network_spec.hf_module().HF_HEADS[HEAD_KIND]
+    head_kind = "token_classification"
 
     def build_net(self) -> nn.Module:
         spec, cfg = self.network_spec, self.model_cfg
@@ -114,9 +104,6 @@ class TokenClassificationTask(LMTask):
             getattr(cfg, "dropout", 0.0),
             encoder=encoder,
         )
-
-    def head_parameter_names(self) -> list[str]:
-        return [f"{self.layout.name}.{n}" for n, _ in self.net.head.named_parameters()]
 
     def forward(
         self,
@@ -177,24 +164,3 @@ class TokenClassificationTask(LMTask):
         if was_training:
             self.train()
         return out
-
-    # ------------------------------------------------------------------ Hugging Face
-    def hf_files(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        mapping = self.network_spec.hf_module()
-        config = mapping.hf_config_dict(self.model_cfg)
-        labels = self.objective_cfg.labels
-        config.update(
-            architectures=[self.layout.hf_class],
-            id2label={i: name for i, name in enumerate(labels)},
-            label2id={name: i for i, name in enumerate(labels)},
-        )
-        return config, mapping.to_hf_weights(self.net.state_dict(), self.model_cfg)
-
-    @classmethod
-    def settings_from_hf(cls, hf_config: dict[str, Any]) -> TokenClassificationConfig:
-        id2label = hf_config.get("id2label") or {}
-        return TokenClassificationConfig(labels=[id2label[k] for k in sorted(id2label, key=int)])
-
-    def load_hf_weights(self, weights: dict[str, Any]) -> None:
-        mapping = self.network_spec.hf_module()
-        self.net.load_state_dict(mapping.from_hf_weights(weights, self.model_cfg), strict=True)
