@@ -23,7 +23,7 @@ train: $(STAMP)  ## the default run: a small GPT on Python's own docs (offline, 
 	$(BIN)/python train.py $(ARGS)
 
 test: $(STAMP)  ## the test suite (under ~10 minutes on 2 cores)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=12
 
 test-slow: $(STAMP)  ## the long end-to-end runs (recipes, full default run)
 	$(BIN)/python -m pytest -m slow -q
