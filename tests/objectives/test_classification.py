@@ -193,6 +193,7 @@ def test_linear_probe_trains_the_head_only(pretrained_bert: Path, tmp_path: Path
     )
 
 
+@pytest.mark.slow  # long end-to-end runs: make test-slow (CI runs both)
 def test_fine_tuning_resumes_exactly_even_after_a_shorter_first_budget(
     pretrained_bert: Path, tmp_path: Path, shared_cache: Path
 ) -> None:

@@ -271,6 +271,7 @@ def test_sft_from_a_causal_lm_checkpoint(tmp_path: Path, shared_cache: Path) -> 
     assert metrics["test/loss"] > 0
 
 
+@pytest.mark.slow  # long end-to-end runs: make test-slow (CI runs both)
 def test_resume_gives_the_same_step_losses(tmp_path: Path, shared_cache: Path) -> None:
     """Stopped by max_steps mid-epoch and resumed with ckpt_path=last: every step's loss equals an
     uninterrupted run's (dropout on; 2 micro-batches per step, so step_targets spans them)."""

@@ -423,6 +423,7 @@ def test_gpt_on_bio_tags_reports_entity_scores_and_exports(gpt_bio: tuple[Path, 
     assert load_export_dir(out).predict(words) == task.predict(words)
 
 
+@pytest.mark.slow  # long end-to-end runs: make test-slow (CI runs both)
 def test_resume_mid_run_equals_uninterrupted(
     scratch_bert: tuple[Path, dict], tmp_path: Path, shared_cache: Path
 ) -> None:

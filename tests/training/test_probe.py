@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
@@ -32,6 +33,7 @@ def test_logistic_probe_separates_separable_data_and_not_noise() -> None:
     assert 0.3 < fit_and_score(x[:300], noise[:300], x[300:], noise[300:], 1e-3) < 0.7
 
 
+@pytest.mark.slow  # long end-to-end runs: make test-slow (CI runs both)
 def test_probe_is_logged_and_leaves_training_unchanged(tmp_path: Path, shared_cache: Path) -> None:
     for name, extra in (("plain", []), ("probed", ["probe=polarity"])):
         cfg = compose_config([*RUN, *extra], tmp_path / name, shared_cache)
