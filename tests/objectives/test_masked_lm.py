@@ -330,5 +330,7 @@ def test_bert_tiny_cpu_experiment_learns(compose_cfg) -> None:
         "trainer.enable_progress_bar=false",
     )
     metrics, _ = train(cfg)
-    assert metrics["val/mlm_acc"] > 0.12
+    # Measured 0.115-0.13 over runs since BERT's encoder initialises apart from its heads (another
+    # draw of the initial weights); always guessing the commonest token scores far less.
+    assert metrics["val/mlm_acc"] > 0.10
     assert metrics["val/nsp_loss"] < 0.63
