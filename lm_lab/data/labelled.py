@@ -62,8 +62,14 @@ def load_labelled(
             check_utf8(p)
     if not files and not hub_reachable():
         raise DataError(hub_offline_message(f"dataset {builder!r}", LOCAL_DATA_FIX))
+    # datasets keys its Arrow copy of local files on path and mtime: a file rewritten in place could
+    # be served stale. A cache directory per content (as lm_lab.data.sources does) makes it rebuild.
+    content = content_digest(cfg.data_files) if files else None
+    kwargs: dict[str, str] = {}
+    if content is not None:
+        kwargs["cache_dir"] = str(Path(datasets.config.HF_DATASETS_CACHE) / "lm_lab" / content[:20])
     try:
-        loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files)
+        loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, **kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(
             f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use {LOCAL_DATA_FIX}"
@@ -81,7 +87,8 @@ def load_labelled(
         )
     source = ", ".join(str(p) for p in files) or builder
     train = _columns(loaded[cfg.split], columns, f"{source} [{cfg.split}]", keys)
-    content = content_digest(cfg.data_files) if files else getattr(loaded[cfg.split], "_fingerprint", None)
+    if content is None:
+        content = getattr(loaded[cfg.split], "_fingerprint", None)
     key = {"builder": builder, "name": cfg.name, "content": content, "columns": columns, "split": cfg.split}
     if cfg.val_split and cfg.val_split in splits:
         validation = _columns(loaded[cfg.val_split], columns, f"{source} [{cfg.val_split}]", keys)
