@@ -242,6 +242,10 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         resolved = _plain(cfg)
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
+        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):  # W&B only when it is used
+            from lm_lab.training.lineage import log_lineage
+
+            log_lineage(trainer.loggers, output_dir / "tokenizer", data_cfg, dm)
         flops = getattr(task, "flops_per_token", None)
         log.info(
             "model: %s (%s) trained with %s, %s parameters%s; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from lm_lab.schema import ConfigError
 
 log = logging.getLogger("lm_lab")
@@ -66,13 +68,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sweep_name", _sweep_name)
 
 
-def _callback_base() -> type:
-    from hydra.experimental.callback import Callback
-
-    return Callback
-
-
-class SweepNaming(_callback_base()):  # type: ignore[misc]
+class SweepNaming(Callback):
     """A Hydra callback (``hydra.callbacks.sweep_naming``): at the start of a multirun it keeps the
     command's overrides for ``${sweep_name:}``. A resolver cannot read them itself: each job's config
     is composed again with only that job's overrides (one value per swept key), and
