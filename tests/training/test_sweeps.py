@@ -126,8 +126,8 @@ def _start(args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
     )
 
 
-def _kill_during(proc: subprocess.Popen, job_dir: Path, timeout: float = 400) -> None:
-    """SIGKILL the sweep once ``job_dir`` holds a checkpoint and the job has not finished."""
+def _kill_during(proc: subprocess.Popen, job_dir: Path, timeout: float = 400, sig: int = signal.SIGKILL) -> None:
+    """Signal (SIGKILL) the sweep once ``job_dir`` holds a checkpoint and the job has not finished."""
     import torch
 
     last = job_dir / "checkpoints" / "last.ckpt"
@@ -135,9 +135,10 @@ def _kill_during(proc: subprocess.Popen, job_dir: Path, timeout: float = 400) ->
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the sweep ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
         if last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=60)
-            assert not (job_dir / FINISHED).exists(), "the job finished before the kill: nothing was interrupted"
+            os.killpg(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                proc.communicate(timeout=60)
+                assert not (job_dir / FINISHED).exists(), "the job finished before the kill: nothing was interrupted"
             return
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -213,6 +214,28 @@ def test_grid_multirun_killed_in_its_second_job_resumes_exactly(tmp_path: Path, 
 
 
 @pytest.mark.slow
+def test_grid_multirun_stopped_by_sigterm_ends_the_sweep_and_the_same_command_resumes_it(
+    tmp_path: Path, shared_cache: Path
+) -> None:
+    """SIGTERM (preemption) during job 0: it saves at the step boundary and the sweep ends (exit 0)
+    before job 1; the same command resumes job 0 and runs job 1."""
+    args = ["-m", *RESUMABLE, "optimizer.lr=1e-3,3e-3"]
+    proc = _start(args, tmp_path, shared_cache)
+    sweep = tmp_path / "logs" / "train" / "multiruns" / sweep_dir_name(args[1:])
+    _kill_during(proc, sweep / "0", sig=signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "sweep stopped by SIGTERM: rerun the same command to continue it" in out, out[
+        -3000:
+    ]
+    assert not (sweep / "0" / FINISHED).exists() and not (sweep / "1").exists()
+    r = _run(args, tmp_path, shared_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ckpt_path=last: resuming from" in (sweep / "0" / "train.log").read_text()
+    assert sorted(step_losses(sweep / "0")[0]) == list(range(1, 31))
+    assert (sweep / "0" / FINISHED).is_file() and (sweep / "1" / FINISHED).is_file()
+
+
+@pytest.mark.slow
 def test_optuna_pruner_stops_a_trial_at_its_first_validation(tmp_path: Path, shared_cache: Path) -> None:
     """Pruning is off by default; with a pruner, a trial whose validation loss is above its threshold
     stops at that validation and is recorded as pruned (not failed, not run again)."""
@@ -242,3 +265,26 @@ def test_sweep_dir_name_is_the_sorted_overrides_and_safe_as_a_file_name() -> Non
     assert "/" not in a and a.startswith("data.data_files=a_b.txt-") and a != b  # a hash keeps them apart
     long = sweep_dir_name([f"k{i}=v" for i in range(40)])
     assert len(long) <= 96 and long != sweep_dir_name([f"k{i}=v" for i in range(41)])
+
+
+def test_a_sweep_job_directory_holding_other_overrides_is_refused(tmp_path: Path, compose_cfg) -> None:
+    """plan_job: a finished run of the same overrides is skipped with its value; one of other
+    overrides is a one-line error naming the fix; checkpoints without a marker mean resume."""
+    from lm_lab.schema import ConfigError
+    from lm_lab.training.sweeps import plan_job
+
+    compose_cfg("optimizer.lr=1e-3")  # sets Hydra's current config: the job's overrides
+    job = tmp_path / "0"
+    job.mkdir()
+    record = {"step": 4, "metrics": {"val/loss": 3.5}, "overrides": ["optimizer.lr=1e-3"], "pruned": False}
+    (job / FINISHED).write_text(json.dumps(record))
+    plan = plan_job(job, "val/loss")
+    assert plan.skip and plan.value == 3.5
+    (job / FINISHED).write_text(json.dumps({**record, "overrides": ["optimizer.lr=3e-3"]}))
+    with pytest.raises(ConfigError, match="holds a run of other overrides .* hydra.sweep.dir=<new dir>"):
+        plan_job(job, "val/loss")
+    (job / FINISHED).unlink()
+    (job / "checkpoints").mkdir()
+    assert not plan_job(job, "val/loss").resume
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert plan_job(job, "val/loss").resume
