@@ -19,9 +19,12 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from lm_lab.training.sweeps import register_resolvers  # noqa: E402
 
 log = logging.getLogger("lm_lab")
+register_resolvers()  # ${sweep_name:} in conf/hydra/default.yaml
 
 
 def _build(node: Any, section: str, **kwargs: Any) -> Any:
@@ -98,6 +101,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.training.plan import planned_world_size
     from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
+    from lm_lab.training.sweeps import active_trial, clear_finished, write_finished
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
     # (model=) and the objective (objective=, by default the network's) are looked up in the registry.
@@ -160,6 +164,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     # 2. Trainer, callbacks, loggers.
     callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks.append(DataPosition())  # the data position and per-step seeding: exact resume needs it
+    trial = active_trial()  # this job's Optuna trial, in an lm_lab Optuna sweep
+    if trial is not None and cfg.get("optimized_metric"):
+        from lm_lab.callbacks.pruning import TrialPruning
+
+        callbacks.append(TrialPruning(trial, monitor=cfg.optimized_metric))
     # Lightning's bar on a terminal only (trainer.enable_progress_bar: null); elsewhere it prints
     # nothing readable, and callbacks.progress prints plain lines instead.
     show_bar = cfg.trainer.get("enable_progress_bar")
@@ -227,11 +236,16 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_hydra_record(cfg, output_dir)  # only now: a refused launch leaves an existing run's record alone
+        clear_finished(output_dir)  # a run resumed or extended in its directory is not finished until it ends
         remove_partial_checkpoints(output_dir / "checkpoints")
         save_hf(tokenizer, output_dir / "tokenizer")
         resolved = _plain(cfg)
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
+        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):  # W&B only when it is used
+            from lm_lab.training.lineage import log_lineage
+
+            log_lineage(trainer.loggers, output_dir / "tokenizer", data_cfg, dm)
         flops = getattr(task, "flops_per_token", None)
         log.info(
             "model: %s (%s) trained with %s, %s parameters%s; batch %d x %d tokens (micro-batch %d, accumulation %d, %d device(s))",
@@ -272,6 +286,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
             metrics.update({k: float(v) for k, v in results.items()})
     metrics.pop("step", None)  # the logged step number (see LMTask.on_before_optimizer_step)
     if trainer.is_global_zero:
+        pruned = any(getattr(c, "pruned", False) for c in trainer.callbacks)
+        write_finished(output_dir, metrics, step=trainer.global_step, pruned=pruned)
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
 
@@ -446,13 +462,24 @@ def _launch_rank() -> int:
 def main(cfg: DictConfig) -> float | None:
     from lm_lab.errors import USER_ERRORS
     from lm_lab.training.rundir import RunDirInUseError, is_fresh
+    from lm_lab.training.sweeps import job_number, mark_pruned, plan_job
 
     output_dir = Path(cfg.paths.output_dir)
     # Only a directory this launch created may be removed on failure: hydra.run.dir may name an existing
     # run (or any directory) whose contents are not ours.
     fresh = is_fresh(output_dir)
     try:
-        metrics, _ = train(cfg)
+        if job_number() is not None:  # a multirun job: its directory is stable, so it may hold a run already
+            plan = plan_job(output_dir, cfg.get("optimized_metric"))
+            if plan.skip:
+                if plan.pruned:
+                    mark_pruned()
+                print(f"job {job_number()}: finished before ({output_dir}), skipped")
+                return plan.value
+            if plan.resume and not cfg.get("ckpt_path"):
+                with open_dict(cfg):
+                    cfg.ckpt_path = "last"
+        metrics, objects = train(cfg)
     except (*USER_ERRORS, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOSPC:
             raise
@@ -473,6 +500,11 @@ def main(cfg: DictConfig) -> float | None:
             logging.shutdown()
             shutil.rmtree(output_dir, ignore_errors=True)
         sys.exit(2)
+    if objects.get("preempted") and job_number() is not None:
+        # The sweep stops here, its trial unfinished; the same command resumes it (and the sweep).
+        print("sweep stopped by SIGTERM: rerun the same command to continue it")
+        logging.shutdown()
+        sys.exit(0)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return value
 

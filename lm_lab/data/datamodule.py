@@ -64,6 +64,11 @@ class TextDataModule(L.LightningDataModule):
     def cache_root(self) -> Path:
         return Path(self.cfg.cache_dir).expanduser()
 
+    def data_cache(self) -> Path | None:
+        """The cache entry holding this data tokenized (its name is a hash of corpus, tokenizer and
+        settings), for the run's lineage; None when nothing is cached (streaming, labelled rows)."""
+        return None
+
     @property
     def tokenizer_kind(self) -> str:
         return self.default_tokenizer if self.cfg.tokenizer == "auto" else self.cfg.tokenizer

@@ -6,6 +6,8 @@ import csv
 import functools
 import logging
 import os
+import shlex
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("lm_lab")
@@ -23,9 +25,20 @@ def wandb_logged_in() -> bool:
         return False
 
 
+RUN_ID_FILE = "run_id"  # <save_dir>/wandb/run_id: the W&B run a resumed run continues
+MAX_TAG = 64  # W&B's limit on a tag's length
+MAX_NAME = 256
+
+
 def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     """A Lightning ``WandbLogger``. ``mode``: ``auto`` (online when logged in, else offline),
-    ``online``, ``offline`` or ``disabled``. ``WANDB_MODE`` in the environment wins."""
+    ``online``, ``offline`` or ``disabled``. ``WANDB_MODE`` in the environment wins.
+
+    The run is named and tagged from the command's overrides, joins its sweep's group in a multirun,
+    and keeps one W&B run id per run directory (``wandb/run_id``), so a resumed run continues its W&B
+    run. The mode goes to ``wandb.init`` itself: Lightning's ``offline=True`` refuses ``log_model``,
+    but wandb queues checkpoint artifacts in an offline run and ``wandb sync`` uploads them.
+    """
     from lightning.pytorch.loggers import WandbLogger
 
     env_mode = os.environ.get("WANDB_MODE")
@@ -34,19 +47,66 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     if mode == "auto":
         mode = "online" if wandb_logged_in() else "offline"
         if mode == "offline":
-            log.info(
-                "W&B: not logged in, logging offline (sync later with `wandb sync %s`)",
-                os.path.join(kwargs.get("save_dir", "."), "wandb"),
-            )
+            log.info("W&B: not logged in, logging offline (the command to sync the run is printed at the end)")
     os.environ.setdefault("WANDB_SILENT", "true")
-    if mode == "disabled":
-        kwargs["mode"] = "disabled"
+    kwargs["mode"] = mode
+    overrides = _job_overrides()
     kwargs.update(_sweep_identity(kwargs.get("name"), kwargs.get("group")))
-    logger = WandbLogger(offline=mode == "offline", **kwargs)
+    if overrides:
+        kwargs["name"] = f"{kwargs.get('name') or 'run'} {','.join(_short(o) for o in overrides)}"[:MAX_NAME]
+        kwargs["tags"] = list(dict.fromkeys([*(kwargs.get("tags") or []), *(o[:MAX_TAG] for o in overrides)]))
+    if mode != "disabled" and not kwargs.get("id"):
+        kwargs["id"] = _run_id(kwargs.get("save_dir"))
+    logger = WandbLogger(**kwargs)
     # Lightning always passes anonymous=None, which wandb 0.31 answers with "WARNING The anonymous
     # setting has no effect" on every run.
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def _job_overrides() -> list[str]:
+    """The command's overrides (a sweep job's own), without the logger's (``logger=``, ``logger.*``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    except (ImportError, ValueError):
+        return []
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] != "logger"]
+
+
+def _short(override: str) -> str:
+    """``data.data_files=/a/b/input.txt`` -> ``data.data_files=input.txt``: a name, not a path."""
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{os.path.basename(value.rstrip('/'))}" if "/" in value else override
+
+
+def _run_id(save_dir: str | None) -> str | None:
+    """The W&B run id of this run directory: read from ``<save_dir>/wandb/run_id``, or made and stored
+    there (by the launching process only). None when it cannot be stored: W&B then picks one."""
+    from lm_lab.training.rundir import is_launching_process
+
+    path = Path(save_dir or ".") / "wandb" / RUN_ID_FILE
+    try:
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored:
+            log.info("W&B: continuing run %s (%s)", stored, path)
+            return stored
+    except OSError:
+        pass
+    if not is_launching_process():
+        return None
+    import secrets
+    import string
+
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n", encoding="utf-8")
+    except OSError as e:
+        log.info("W&B: cannot store the run id in %s (%s): a resumed run would start a new W&B run", path, e)
+        return None
+    return run_id
 
 
 def _sweep_identity(name: str | None, group: str | None) -> dict[str, str]:
@@ -79,10 +139,24 @@ def finish_loggers(loggers: list[Any], failed: bool) -> None:
         experiment = getattr(lg, "_experiment", None)  # only where this process started one (rank 0)
         if type(lg).__name__ != "WandbLogger" or experiment is None or not hasattr(experiment, "finish"):
             continue
+        offline = _offline_dir(experiment)
         try:
             experiment.finish(exit_code=1 if failed else 0)
         except Exception as e:
             log.warning("W&B: finishing the run failed (%s: %s)", type(e).__name__, e)
+            continue
+        if offline is not None:
+            print(f"W&B run logged offline; to upload it:  wandb sync {shlex.quote(str(offline))}")
+
+
+def _offline_dir(run: Any) -> Path | None:
+    """The offline run's folder (``.../wandb/offline-run-<time>-<id>``), or None when online."""
+    try:
+        if not run.settings._offline:
+            return None
+        return Path(run.dir).parent  # run.dir is its files/ folder
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------- CSV that survives a resume

@@ -32,6 +32,9 @@ class CausalLMDataModule(TextDataModule):
         self.val_set: Any = None
         self._verified: Path | None = None  # the token entry this process checked or built
 
+    def data_cache(self) -> Path | None:
+        return None if self.cfg.streaming else self.token_cache()
+
     def token_cache(self) -> Path:
         tok = self.tokenizer
         key = cache.cache_key({"v": CACHE_VERSION, "corpus": self.corpus.fingerprint, "tok": tokenizer_hash(tok)})

@@ -121,6 +121,9 @@ class MaskedLMDataModule(TextDataModule):
         return tok
 
     # ------------------------------------------------------------------ cache of pair instances
+    def data_cache(self) -> Path | None:
+        return self.pairs_cache()
+
     def pairs_cache(self) -> Path:
         c = self.cfg
         key = cache.cache_key(

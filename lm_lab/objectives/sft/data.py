@@ -260,6 +260,9 @@ class SFTDataModule(TextDataModule):
         return self.splits.test is not None
 
     # ------------------------------------------------------------------ cache of encoded examples
+    def data_cache(self) -> Path | None:
+        return self.examples_cache()
+
     def examples_cache(self) -> Path:
         c, o = self.cfg, self.objective_cfg
         key = cache.cache_key(
