@@ -176,9 +176,10 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     if not show_bar:  # Lightning refuses a progress-bar callback together with enable_progress_bar=False
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not on_terminal():  # datasets' tqdm bars (tokenizing) are a line of carriage returns there
-        import datasets
-
-        datasets.disable_progress_bars()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+        else:  # read when datasets is imported: a run on a cached corpus may never import it
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     final_validation = FinalValidation() if cfg.get("final_validation", True) else None
     if final_validation is not None:
         callbacks.append(final_validation)

@@ -1,6 +1,6 @@
 """nanoGPT's CPU Tiny Shakespeare recipe: lm_lab's whole run vs a plain PyTorch loop.
 
-    python bench/shakespeare_char.py [--repeats 3] [--llama] [--data ../shared/data/tinyshakespeare/input.txt]
+    python bench/shakespeare_char.py [--repeats 3] [--llama] [--compiled] [--data ../shared/data/tinyshakespeare/input.txt]
 
 Both sides train the same recipe (4 layers, 4 heads, 128 dims, block 64, batch 12, 2,000 steps,
 lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0,
@@ -10,6 +10,9 @@ no dropout, no bias; 20 validation batches every 250 steps):
   fresh process: imports, data loading, tokenizer, Lightning, validation, checkpoints, CSV log).
 - ``plain loop``: nanoGPT's ``train.py`` algorithm written out in plain PyTorch in a fresh process
   (random windows, ``estimate_loss`` on train and val every 250 steps), same network class.
+- ``lm_lab, ... compile=true`` (only with ``--compiled``): the first row plus ``compile=true
+  optimizer.fused=true`` (compilation included in the wall time, from a cold Inductor cache as in
+  a user's first run).
 - ``lm_lab, Llama blocks`` (only with ``--llama``): ``python train.py
   experiment=nanogpt_shakespeare_char_cpu_llama``, the same recipe and run with Llama blocks
   (RMSNorm, rotary positions, SwiGLU 344 wide, ~0.80M parameters like the GPT network). Its ratio is
@@ -79,7 +82,9 @@ print(f"VAL {val:.4f}")
 """
 
 
-def run_lm_lab(data: Path, workdir: Path, experiment: str = "nanogpt_shakespeare_char_cpu") -> tuple[float, float]:
+def run_lm_lab(
+    data: Path, workdir: Path, experiment: str = "nanogpt_shakespeare_char_cpu", extra: tuple[str, ...] = ()
+) -> tuple[float, float]:
     cmd = [
         sys.executable,
         str(REPO / "train.py"),
@@ -88,8 +93,15 @@ def run_lm_lab(data: Path, workdir: Path, experiment: str = "nanogpt_shakespeare
         "logger=csv",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={workdir}/run",
+        *extra,
     ]
-    env = {**os.environ, "LM_LAB_CACHE": str(workdir / "cache"), "HF_HUB_OFFLINE": "1"}
+    # A cold Inductor cache in each run: compilation is counted as a user's first run pays it.
+    env = {
+        **os.environ,
+        "LM_LAB_CACHE": str(workdir / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
+    }
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -101,6 +113,10 @@ def run_lm_lab(data: Path, workdir: Path, experiment: str = "nanogpt_shakespeare
 
 def run_lm_lab_llama(data: Path, workdir: Path) -> tuple[float, float]:
     return run_lm_lab(data, workdir, "nanogpt_shakespeare_char_cpu_llama")
+
+
+def run_lm_lab_compiled(data: Path, workdir: Path) -> tuple[float, float]:
+    return run_lm_lab(data, workdir, extra=("compile=true", "optimizer.fused=true"))
 
 
 def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
@@ -117,6 +133,7 @@ def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
 GPT_ROW = "lm_lab, GPT-2 blocks"
 PLAIN_ROW = "plain loop, GPT-2 blocks (baseline)"
 LLAMA_ROW = "lm_lab, Llama blocks"
+COMPILED_ROW = "lm_lab, GPT-2 blocks, compile=true optimizer.fused=true"
 
 
 def main() -> None:
@@ -124,8 +141,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--llama", action="store_true", help="also run the recipe with Llama blocks (a third row)")
+    p.add_argument(
+        "--compiled", action="store_true", help="also run lm_lab with compile=true optimizer.fused=true (a row)"
+    )
     args = p.parse_args()
     runs = [(GPT_ROW, run_lm_lab), (PLAIN_ROW, run_plain)]
+    if args.compiled:
+        runs.append((COMPILED_ROW, run_lm_lab_compiled))
     if args.llama:
         runs.append((LLAMA_ROW, run_lm_lab_llama))
     results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in runs}
