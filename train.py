@@ -83,6 +83,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
 
     from lm_lab import registry
     from lm_lab.callbacks.data_position import DataPosition
+    from lm_lab.callbacks.resume_agreement import SameResumePoint
     from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.training.checkpoints import (
@@ -160,6 +161,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     # 2. Trainer, callbacks, loggers.
     callbacks = [_build(c, "callbacks") for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks.append(DataPosition())  # the data position and per-step seeding: exact resume needs it
+    callbacks.append(SameResumePoint(ckpt_path))  # nodes that do not share the run directory disagree here
     # Lightning's bar on a terminal only (trainer.enable_progress_bar: null); elsewhere it prints
     # nothing readable, and callbacks.progress prints plain lines instead.
     show_bar = cfg.trainer.get("enable_progress_bar")
@@ -188,7 +190,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         "trainer",
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        # The preset's plugins (cluster=slurm: SLURMEnvironment with auto-requeue) and atomic checkpoint writes.
+        plugins=[*(_build(p, "trainer") for p in cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
         enable_progress_bar=show_bar,
         accumulate_grad_batches=accum,
         val_check_interval=interval,
@@ -252,7 +255,10 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     except SIGTERMException:
         # Preempted: Lightning stopped at the step boundary after SIGTERM and RunCheckpoint saved last.ckpt.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        if trainer.is_global_zero:
+        requeued = getattr(trainer.checkpoint_callback, "requeued", None)
+        if trainer.is_global_zero and requeued:
+            print(f"stopped for SLURM requeue after step {trainer.global_step}; requeued job {requeued}")
+        elif trainer.is_global_zero:
             print(
                 f"stopped by SIGTERM after step {trainer.global_step}; resume with the same command plus "
                 f"ckpt_path=last hydra.run.dir={output_dir}"
@@ -442,6 +448,19 @@ def _launch_rank() -> int:
     return 0
 
 
+def _join_launched_job() -> None:
+    """A process that torchrun or srun started: the job must name one run directory, and ranks
+    other than 0 log to ``train_rank<R>.log`` (see ``lm_lab.training.launch``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lm_lab.training.launch import check_run_dir_given, external_launch, log_to_rank_file
+
+    rank, world = external_launch()
+    check_run_dir_given(list(HydraConfig.get().overrides.hydra), world)
+    if rank > 0:
+        log_to_rank_file(rank)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from lm_lab.errors import USER_ERRORS
@@ -452,6 +471,7 @@ def main(cfg: DictConfig) -> float | None:
     # run (or any directory) whose contents are not ours.
     fresh = is_fresh(output_dir)
     try:
+        _join_launched_job()
         metrics, _ = train(cfg)
     except (*USER_ERRORS, OSError) as e:
         if isinstance(e, OSError) and e.errno != errno.ENOSPC:
