@@ -87,7 +87,6 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.training.checkpoints import (
-        AtomicCheckpointIO,
         check_init_from,
         check_resume,
         remove_partial_checkpoints,
@@ -184,14 +183,12 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
-    # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,
         logger=loggers or False,
-        # The preset's plugins (cluster=slurm: SLURMEnvironment with auto-requeue) and atomic checkpoint writes.
-        plugins=[*(_build(p, "trainer") for p in cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
+        plugins=trainer_plugins(cfg.trainer),
         enable_progress_bar=show_bar,
         accumulate_grad_batches=accum,
         val_check_interval=interval,
@@ -280,6 +277,14 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     if trainer.is_global_zero:
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
+
+
+def trainer_plugins(trainer_cfg: Any) -> list[Any]:
+    """The preset's ``trainer.plugins`` (``cluster=slurm``: Lightning's ``SLURMEnvironment`` with
+    auto-requeue) and lm_lab's atomic checkpoint writes (a kill never leaves half a last.ckpt)."""
+    from lm_lab.training.checkpoints import AtomicCheckpointIO
+
+    return [*(_build(p, "trainer") for p in trainer_cfg.get("plugins") or []), AtomicCheckpointIO()]
 
 
 def _check_budget(trainer_cfg: Any) -> None:
@@ -452,11 +457,13 @@ def _join_launched_job() -> None:
     """A process that torchrun or srun started: the job must name one run directory, and ranks
     other than 0 log to ``train_rank<R>.log`` (see ``lm_lab.training.launch``)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from lm_lab.training.launch import check_run_dir_given, external_launch, log_to_rank_file
 
+    hydra_cfg = HydraConfig.get()
     rank, world = external_launch()
-    check_run_dir_given(list(HydraConfig.get().overrides.hydra), world)
+    check_run_dir_given(list(hydra_cfg.overrides.hydra), world, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
     if rank > 0:
         log_to_rank_file(rank)
 

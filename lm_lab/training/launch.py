@@ -28,16 +28,17 @@ def external_launch() -> tuple[int, int]:
     return 0, 1
 
 
-def check_run_dir_given(hydra_overrides: list[str], world: int) -> None:
+def check_run_dir_given(hydra_overrides: list[str], world: int, *, multirun: bool = False) -> None:
     """Each process of an externally launched job names its run directory from its own clock
     (``${now:...}``), so two processes started a second apart would train into two directories and
-    a resume would find no checkpoint: the job must name one."""
-    given = any(o.lstrip("+").split("=", 1)[0] == "hydra.run.dir" for o in hydra_overrides)
+    a resume would find no checkpoint: the job must name one (a sweep job: its sweep directory)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = any(o.lstrip("+").split("=", 1)[0] == key for o in hydra_overrides)
     if world > 1 and not given:
         raise ConfigError(
             f"this is one of {world} processes started by torchrun or srun, and each would name its own run "
-            "directory from its clock: give every process the same hydra.run.dir=<dir> "
-            "(e.g. hydra.run.dir=logs/train/runs/$SLURM_JOB_ID)"
+            f"directory from its clock: give every process the same {key}=<dir> "
+            f"(e.g. {key}=logs/train/{'multiruns' if multirun else 'runs'}/$SLURM_JOB_ID)"
         )
 
 

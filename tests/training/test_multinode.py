@@ -195,3 +195,40 @@ def test_a_node_that_cannot_see_the_checkpoint_is_refused(corpus: Path, tmp_path
     errors = [line for _, err in results for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "rank 1: none" in errors[0] and "share" in errors[0], results[0][1][-3000:]
     assert trace(shared / "run")[0][-1]["step"] == 1  # node 0 trained no step beyond its checkpoint
+
+
+def test_a_streamed_corpus_is_read_once_across_two_torchrun_nodes(corpus: Path, tmp_path: Path) -> None:
+    """data.streaming on 2 nodes: each rank trains on the blocks packed from its own documents —
+    every 2nd training document, counted over the whole job — in stream order; no block twice,
+    none on both ranks. The reference packs the documents by hand (block + 1 tokens, stride block)."""
+    import hashlib
+
+    import datasets
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from lm_lab.data.tokenizer import eot_id
+
+    run, cache = tmp_path / "stream", tmp_path / "cache"
+    stream = ["data.path=text", "data.sample_by=paragraph", "data.streaming=true", "data.streaming_val_docs=20"]
+    args = [*ARGS, f"data.data_files={corpus}", *stream, *NODES, "trainer.max_steps=6"]
+    finish(start_nodes(args, run, [cache, cache]))
+
+    tok = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
+    docs = [r["text"] for r in datasets.load_dataset("text", data_files=str(corpus), sample_by="paragraph")["train"]]
+    train_docs = docs[20:]  # the first data.streaming_val_docs documents are the validation split
+    trained = trace(run)
+    assert sorted(trained) == [0, 1]
+    seen: list[str] = []
+    for rank in (0, 1):
+        ids: list[int] = []
+        for text in train_docs[rank::2]:
+            ids += tok.encode(text, add_special_tokens=False).ids + [eot_id(tok)]
+        blocks = [
+            hashlib.blake2b(np.asarray(ids[i : i + 64], dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+            for i in range(0, len(ids) - 64, 64)
+        ]
+        got = [i for r in trained[rank] if r["epoch"] == 0 for i in r["ids"]]
+        assert len(got) == 6 * 8 and got == blocks[: len(got)], f"rank {rank}"
+        seen += got
+    assert len(seen) == len(set(seen))
