@@ -167,7 +167,9 @@ def test_sigusr1_on_slurm_saves_at_a_step_boundary_requeues_and_the_requeued_job
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in r.stdout + r.stderr
     got, want = step_losses(run)[0], step_losses(ref)[0]
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    assert max(abs(got[s] - want[s]) for s in want) <= 1e-6
+    diff = max(abs(got[s] - want[s]) for s in want)
+    print(f"\nSIGUSR1 at step {saved}, requeued and resumed vs uninterrupted: train/loss max |difference| {diff:.1e}")
+    assert diff <= 1e-6
 
 
 @pytest.mark.slow

@@ -83,6 +83,13 @@ def finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
     return outs
 
 
+def report(name: str, a: Path, b: Path, key: str = "train/loss") -> None:
+    """Print the largest per-step difference (the figure docs/distributed.md quotes; run with -s)."""
+    ma, mb = metrics(a)[key], metrics(b)[key]
+    diff = max(abs(ma[s] - mb[s]) for s in set(ma) & set(mb))
+    print(f"\n{name}: {key} max |difference| over {len(set(ma) & set(mb))} steps {diff:.1e}")
+
+
 def entries(directory: Path) -> list[Path]:
     """Cache entries (not the lock files beside them)."""
     return [p for p in directory.iterdir() if not p.name.startswith(".")]
@@ -131,6 +138,8 @@ def test_two_torchrun_nodes_train_like_one_node_and_write_the_run_once(
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
     assert samples_per_step(run) == samples_per_step(one_node)
     assert_same_curves(one_node, run)
+    report("2 torchrun nodes vs 1 node x 2 processes", one_node, run)
+    report("2 torchrun nodes vs 1 node x 2 processes", one_node, run, "val/loss")
     assert metrics(run)["tokens_seen"] == metrics(one_node)["tokens_seen"]
     # The run's files come from global rank 0 only; node 1 logs to a file of its own.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
@@ -161,13 +170,15 @@ def test_two_torchrun_nodes_killed_and_relaunched_resume_exactly(corpus: Path, o
     kill(procs)
     from tests.training.test_resume import saved_step
 
-    assert saved_step(ckpt) < STEPS
+    killed_at = saved_step(ckpt)
+    assert killed_at < STEPS
     outs = finish(start_nodes([*args, "ckpt_path=last"], run, caches))
     assert all("tokenized corpus found in cache" in out for out in outs)
     for cache in caches:
         assert len(entries(cache / "tokens")) == 1
     # val/loss of the checkpoint's step may have died with the killed run (it is computed after the save).
     assert_same_curves(one_node, run, keys=("train/loss",))
+    report(f"2 torchrun nodes killed at step {killed_at} and resumed vs uninterrupted", one_node, run)
     assert abs(metrics(run)["val/loss"][STEPS] - metrics(one_node)["val/loss"][STEPS]) <= 1e-5
     assert samples_per_step(run) == samples_per_step(one_node)
 
