@@ -201,9 +201,9 @@ def requeue_slurm_job() -> str:
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
     try:
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    except FileNotFoundError:
-        log.warning("cannot requeue SLURM job %s: scontrol is not on PATH (last.ckpt is saved)", job)
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:  # no scontrol here, or the controller does not answer
+        log.warning("cannot requeue SLURM job %s (%s); last.ckpt is saved", job, e)
         return job
     if result.returncode == 0:
         log.info("requeued SLURM job %s", job)
