@@ -86,10 +86,10 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
 
     from lm_lab import registry
     from lm_lab.callbacks.data_position import DataPosition
+    from lm_lab.callbacks.resume_agreement import SameResumePoint
     from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.training.checkpoints import (
-        AtomicCheckpointIO,
         check_init_from,
         check_resume,
         remove_partial_checkpoints,
@@ -169,6 +169,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         from lm_lab.callbacks.pruning import TrialPruning
 
         callbacks.append(TrialPruning(trial, monitor=cfg.optimized_metric))
+    callbacks.append(SameResumePoint(ckpt_path))  # nodes that do not share the run directory disagree here
     # Lightning's bar on a terminal only (trainer.enable_progress_bar: null); elsewhere it prints
     # nothing readable, and callbacks.progress prints plain lines instead.
     show_bar = cfg.trainer.get("enable_progress_bar")
@@ -192,13 +193,12 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
-    # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=trainer_plugins(cfg.trainer),
         enable_progress_bar=show_bar,
         accumulate_grad_batches=accum,
         val_check_interval=interval,
@@ -267,7 +267,10 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     except SIGTERMException:
         # Preempted: Lightning stopped at the step boundary after SIGTERM and RunCheckpoint saved last.ckpt.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        if trainer.is_global_zero:
+        requeued = getattr(trainer.checkpoint_callback, "requeued", None)
+        if trainer.is_global_zero and requeued:
+            print(f"stopped for SLURM requeue after step {trainer.global_step}; requeued job {requeued}")
+        elif trainer.is_global_zero:
             print(
                 f"stopped by SIGTERM after step {trainer.global_step}; resume with the same command plus "
                 f"ckpt_path=last hydra.run.dir={output_dir}"
@@ -291,6 +294,14 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         write_finished(output_dir, metrics, step=trainer.global_step, pruned=pruned)
         _report(cfg, task, trainer, metrics, output_dir)
     return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg}
+
+
+def trainer_plugins(trainer_cfg: Any) -> list[Any]:
+    """The preset's ``trainer.plugins`` (``cluster=slurm``: Lightning's ``SLURMEnvironment`` with
+    auto-requeue) and lm_lab's atomic checkpoint writes (a kill never leaves half a last.ckpt)."""
+    from lm_lab.training.checkpoints import AtomicCheckpointIO
+
+    return [*(_build(p, "trainer") for p in trainer_cfg.get("plugins") or []), AtomicCheckpointIO()]
 
 
 def _check_budget(trainer_cfg: Any) -> None:
@@ -459,6 +470,21 @@ def _launch_rank() -> int:
     return 0
 
 
+def _join_launched_job() -> None:
+    """A process that torchrun or srun started: the job must name one run directory, and ranks
+    other than 0 log to ``train_rank<R>.log`` (see ``lm_lab.training.launch``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lm_lab.training.launch import check_run_dir_given, external_launch, log_to_rank_file
+
+    hydra_cfg = HydraConfig.get()
+    rank, world = external_launch()
+    check_run_dir_given(list(hydra_cfg.overrides.hydra), world, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    if rank > 0:
+        log_to_rank_file(rank)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from lm_lab.errors import USER_ERRORS
@@ -470,6 +496,7 @@ def main(cfg: DictConfig) -> float | None:
     # run (or any directory) whose contents are not ours.
     fresh = is_fresh(output_dir)
     try:
+        _join_launched_job()
         if job_number() is not None:  # a multirun job: its directory is stable, so it may hold a run already
             plan = plan_job(output_dir, cfg.get("optimized_metric"))
             if plan.skip:

@@ -168,6 +168,10 @@ BAD = {
         ["data.batch_size=16", "data.micro_batch_size=5"],
         "not a multiple of data.micro_batch_size=5",
     ),
+    "batch not divisible by the processes of the job": (
+        ["trainer=ddp_cpu", "trainer.num_nodes=3", "data.batch_size=16"],
+        "data.batch_size=16 is not divisible by the 6 devices: use a multiple of 6",
+    ),
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -39,7 +40,15 @@ class RunCheckpoint(ModelCheckpoint):
     run whose other rank is inside a gradient all-reduce (seen here about every other time).
     This callback's handler only sets a flag (and forwards the signal to the processes Lightning
     launched); the ranks agree on it with one all-reduce after each training batch and then stop
-    together. SLURM's SIGUSR1 auto-requeue handler (``hpc_ckpt_*.ckpt``) is left alone.
+    together.
+
+    SLURM auto-requeue (a ``SLURMEnvironment(auto_requeue=True)`` plugin, ``cluster=slurm``): the
+    requeue signal (SIGUSR1, sent ``--signal=SIGUSR1@90`` seconds before the time limit) is handled
+    the same way — ``last.ckpt`` at the next step boundary, then rank 0 runs ``scontrol requeue``
+    and the run stops. Lightning's own handler instead writes ``hpc_ckpt_<k>.ckpt`` from inside the
+    signal handler, mid-step (a resume from it is not exact, and its save's barrier runs inside a
+    signal handler, the SIGTERM deadlock above); the requeued job resumes exactly from
+    ``last.ckpt`` with ``ckpt_path=last``.
     """
 
     def __init__(
@@ -61,7 +70,9 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_saved_step = -1
         self._clock = time.monotonic()
         self.preempted_at: int | None = None  # the step saved after SIGTERM
+        self.requeued: str | None = None  # the SLURM job this run requeued (rank 0)
         self._sigterm = False
+        self._requeue = False
 
     def _skip(self, trainer: L.Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
@@ -108,10 +119,21 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         self._clock = time.monotonic()
-        self._sigterm = False
+        self._sigterm = self._requeue = False
         if threading.current_thread() is threading.main_thread():
-            # Replaces the handler Lightning installed for this fit; Lightning restores the original at teardown.
+            # Replaces the handlers Lightning installed for this fit; Lightning restores the originals at teardown.
             signal.signal(signal.SIGTERM, lambda signum, frame: self._on_sigterm(trainer, signum))
+            env = trainer._accelerator_connector.cluster_environment
+            if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+                signal.signal(env.requeue_signal, lambda signum, frame: self._on_requeue_signal(signum))
+
+    def _on_requeue_signal(self, signum: int) -> None:
+        if not self._requeue:
+            log.info(
+                "received %s (SLURM auto-requeue): saving last.ckpt at the next step boundary, then requeueing",
+                signal.Signals(signum).name,
+            )
+        self._requeue = self._sigterm = True
 
     def _on_sigterm(self, trainer: L.Trainer, signum: int) -> None:
         if not self._sigterm:
@@ -124,8 +146,10 @@ class RunCheckpoint(ModelCheckpoint):
     def _stop_requested(self, trainer: L.Trainer) -> bool:
         if trainer.world_size == 1:
             return self._sigterm
-        flag = torch.tensor(float(self._sigterm), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+        flags = torch.tensor([float(self._sigterm), float(self._requeue)], device=trainer.strategy.root_device)
+        stop, requeue = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        self._requeue = bool(requeue)  # any rank's signal: rank 0 requeues the job
+        return bool(stop)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.fit_loop._should_accumulate():
@@ -164,4 +188,25 @@ class RunCheckpoint(ModelCheckpoint):
         if self._last_saved_step != trainer.global_step:
             self.write_last(trainer)
         self.preempted_at = trainer.global_step
+        if self._requeue and trainer.is_global_zero:
+            self.requeued = requeue_slurm_job()
         return None
+
+
+def requeue_slurm_job() -> str:
+    """``scontrol requeue`` this SLURM job (an array job's task: ``<array job>_<task>``), as Lightning's
+    auto-requeue handler does; returns the job id. A failure is logged: the checkpoint is saved."""
+    import subprocess
+
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:  # no scontrol here, or the controller does not answer
+        log.warning("cannot requeue SLURM job %s (%s); last.ckpt is saved", job, e)
+        return job
+    if result.returncode == 0:
+        log.info("requeued SLURM job %s", job)
+    else:
+        log.warning("scontrol requeue %s failed (%s): %s", job, result.returncode, result.stderr.strip())
+    return job

@@ -10,7 +10,9 @@ miss, reported with a warning, and rebuilt.
 
 Several processes (DDP ranks, nodes sharing the cache) may look up and build the same entry at
 once: readers never take a lock; the short step that replaces a directory holds an exclusive
-``flock`` so that a valid entry installed by another process is never deleted.
+``flock`` so that a valid entry installed by another process is never deleted. A builder looks up and
+builds under ``build_lock``, so processes that share the cache directory (the local rank 0 of every
+node of a job, when the nodes share a file system) build an entry once: the others wait, then find it.
 """
 
 from __future__ import annotations
@@ -185,6 +187,34 @@ def _discard(directory: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.replace(directory, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock for looking ``directory`` up and, on a miss, building it.
+
+    A second builder waits here, then finds the entry complete instead of building its own copy
+    (two nodes tokenizing the same corpus into one shared cache). Where the file system has no
+    ``flock`` (some cluster file systems) this does nothing: concurrent builds stay safe (see
+    ``build_entry``), only duplicated. A separate file from ``_install_lock``'s: ``flock`` locks
+    per open file, so one process holding both on one file would wait for itself.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory.parent / f".{directory.name}.build.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -98,6 +98,12 @@ class TextDataModule(L.LightningDataModule):
             }
         )
         entry = self.cache_root / "tokenizers" / f"{kind}-{key}"
+        # Every process of a torchrun/SLURM job gets here at once: one trains, the others wait and load.
+        with cache.build_lock(entry):
+            return self._load_or_train_tokenizer(entry, kind)
+
+    def _load_or_train_tokenizer(self, entry: Path, kind: str) -> Tokenizer:
+        c = self.cfg
         if cache.load_entry(entry) is not None:
             try:
                 return Tokenizer.from_file(str(entry / "tokenizer.json"))

@@ -241,6 +241,22 @@ def test_resume_on_another_number_of_devices_continues_the_global_data_position(
 
 
 @pytest.mark.slow
+def test_four_processes_follow_the_one_process_trajectory(
+    corpus: Path, cache: Path, gpt_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same config on 4 processes (4 sequences each per step): the samples of each step and the
+    per-step losses of the 1-process run (its first 8 steps; the schedule is pinned to 24)."""
+    run = tmp_path / "four"
+    train([*GPT, f"data.data_files={corpus}", *DDP, "trainer.devices=4", "trainer.max_steps=8"], run, cache)
+    assert sorted(trace(run)) == [0, 1, 2, 3]
+    want = {s: ids for s, ids in samples_per_step(gpt_runs["one"]).items() if s < 8}
+    assert samples_per_step(run) == want
+    four, one = metrics(run)["train/loss"], metrics(gpt_runs["one"])["train/loss"]
+    assert sorted(four) == list(range(1, 9))
+    assert max(abs(four[s] - one[s]) for s in four) <= TOL
+
+
+@pytest.mark.slow
 def test_resume_from_one_process_with_accumulation_onto_two(
     corpus: Path, cache: Path, gpt_runs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -44,12 +44,13 @@ class CausalLMDataModule(TextDataModule):
         if self.cfg.streaming:
             return
         entry = self.token_cache()
-        meta = cache.load_entry(entry)
-        if meta is not None:
-            log.info("tokenized corpus found in cache: %s (%s train tokens)", entry, f"{meta['train_tokens']:,}")
-            self._verified = entry
-            return
-        self._build_tokens(entry)
+        with cache.build_lock(entry):  # nodes sharing the cache: the first builds, the others find it
+            meta = cache.load_entry(entry)
+            if meta is not None:
+                log.info("tokenized corpus found in cache: %s (%s train tokens)", entry, f"{meta['train_tokens']:,}")
+                self._verified = entry
+                return
+            self._build_tokens(entry)
 
     def _build_tokens(self, entry: Path) -> None:
         tok = self.tokenizer
@@ -82,8 +83,10 @@ class CausalLMDataModule(TextDataModule):
         else:
             entry = self.token_cache()
             # Checksums are read once per process: skipped when prepare_data just did it (rank 0).
-            if entry != self._verified and cache.load_entry(entry) is None:
-                self._build_tokens(entry)
+            if entry != self._verified:
+                with cache.build_lock(entry):
+                    if cache.load_entry(entry) is None:
+                        self._build_tokens(entry)
             self.train_set = PackedBlocks(entry / "train.npy", bs, windows=self.cfg.sampling == "windows")
             self.val_set = PackedBlocks(entry / "val.npy", bs)
         for name, ds in (("training", self.train_set), ("validation", self.val_set)):

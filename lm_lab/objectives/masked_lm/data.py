@@ -142,17 +142,18 @@ class MaskedLMDataModule(TextDataModule):
 
     def prepare_data(self) -> None:
         entry = self.pairs_cache()
-        meta = cache.load_entry(entry)
-        if meta is not None:
-            log.info(
-                "sentence pairs found in cache: %s (%s train / %s val instances)",
-                entry,
-                f"{meta['train']['instances']:,}",
-                f"{meta['validation']['instances']:,}",
-            )
-            self._verified = entry
-            return
-        self._build_pairs(entry)
+        with cache.build_lock(entry):  # nodes sharing the cache: the first builds, the others find it
+            meta = cache.load_entry(entry)
+            if meta is not None:
+                log.info(
+                    "sentence pairs found in cache: %s (%s train / %s val instances)",
+                    entry,
+                    f"{meta['train']['instances']:,}",
+                    f"{meta['validation']['instances']:,}",
+                )
+                self._verified = entry
+                return
+            self._build_pairs(entry)
 
     def _build_pairs(self, entry: Path) -> None:
         tok = self.tokenizer
@@ -210,8 +211,10 @@ class MaskedLMDataModule(TextDataModule):
             return
         entry = self.pairs_cache()
         # Checksums are read once per process: skipped when prepare_data just did it (rank 0).
-        if entry != self._verified and cache.load_entry(entry) is None:
-            self._build_pairs(entry)
+        if entry != self._verified:
+            with cache.build_lock(entry):
+                if cache.load_entry(entry) is None:
+                    self._build_pairs(entry)
         self.train_set = PairDataset(datasets.load_from_disk(str(entry / "train")))
         self.val_set = PairDataset(datasets.load_from_disk(str(entry / "validation")))
         if len(self.train_set) < self.global_batch_size():

@@ -282,12 +282,12 @@ class SFTDataModule(TextDataModule):
 
     def prepare_data(self) -> None:
         entry = self.examples_cache()
-        meta = cache.load_entry(entry)
-        if meta is not None:
-            log.info("encoded examples found in cache: %s", entry)
-            self._verified = entry
-            return
-        self._build_examples(entry)
+        with cache.build_lock(entry):  # nodes sharing the cache: the first builds, the others find it
+            if cache.load_entry(entry) is not None:
+                log.info("encoded examples found in cache: %s", entry)
+                self._verified = entry
+                return
+            self._build_examples(entry)
 
     def _build_examples(self, entry: Path) -> None:
         tok, c, o = self.tokenizer, self.cfg, self.objective_cfg
@@ -379,8 +379,10 @@ class SFTDataModule(TextDataModule):
             return
         entry = self.examples_cache()
         # Checksums are read once per process: skipped when prepare_data just did it (rank 0).
-        if entry != self._verified and cache.load_entry(entry) is None:
-            self._build_examples(entry)
+        if entry != self._verified:
+            with cache.build_lock(entry):
+                if cache.load_entry(entry) is None:
+                    self._build_examples(entry)
         self.train_set = SFTExamples(datasets.load_from_disk(str(entry / "train")))
         self.val_set = SFTExamples(datasets.load_from_disk(str(entry / "validation")))
         if (entry / "test").is_dir():
