@@ -95,9 +95,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     )
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
-    from lm_lab.training.plan import planned_world_size
+    from lm_lab.training.plan import planned_on_gpu, planned_world_size
+    from lm_lab.training.precision import check_precision, set_matmul_precision
     from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
+    from lm_lab.training.sharding import checkpoint_activations
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
     # (model=) and the objective (objective=, by default the network's) are looked up in the registry.
@@ -182,6 +184,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
+    check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer))
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,
@@ -193,6 +196,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         accumulate_grad_batches=accum,
         val_check_interval=interval,
     )
+    on_cuda = type(trainer.accelerator).__name__ == "CUDAAccelerator"
+    set_matmul_precision(cfg.get("matmul_precision", "high"), on_cuda=on_cuda)
     if trainer.world_size != world:
         raise ConfigError(
             f"the Trainer runs {trainer.world_size} processes but trainer.num_nodes x trainer.devices "
@@ -222,6 +227,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     )
     if source is not None and ckpt_path is None:
         load_into(task, source)
+    if cfg.get("activation_checkpointing"):
+        checkpoint_activations(task.net, (registry.network_of(model_cfg).block_class(),))
     if cfg.get("compile"):
         task.net.compile()
     if trainer.is_global_zero:
