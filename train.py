@@ -184,7 +184,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
-    check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer))
+    strategy = cfg.trainer.get("strategy")
+    sharded = OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith(
+        ("ShardedStrategy", "ModelParallelStrategy")
+    )
+    check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,

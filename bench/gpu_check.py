@@ -94,16 +94,20 @@ def cpu_smoke_runs(shakespeare: Path) -> list[Run]:
     cpu = ["trainer.accelerator=cpu", "trainer.precision=32-true", "compile=false", "trainer.max_steps=24"]
     cpu += ["trainer.val_check_interval=12", "trainer.limit_val_batches=2"]
     runs = gpu_runs(shakespeare)
-    shrunk = [
-        ["model=gpt_tiny", "trainer=cpu", "data.block_size=64", "data.batch_size=8"],
-        ["model=bert_tiny", "trainer=cpu", "data.block_size=32", "data.batch_size=8"],
-        ["model=gpt_tiny", "trainer=fsdp", "trainer.devices=1", "data.block_size=64", "data.batch_size=8"],
-        ["experiment=nanogpt_shakespeare_char", f"data.data_files={shakespeare}", "model.n_layer=2"]
-        + ["model.n_head=2", "model.n_embd=64", "data.block_size=64", "data.batch_size=8"],
-    ]
-    for run, args in zip(runs, shrunk, strict=True):
+    shrunk = {
+        "gpt_tiny, block 64": ["model=gpt_tiny", "trainer=cpu", "data.block_size=64", "data.batch_size=8"],
+        "bert_tiny, 32 tokens": ["model=bert_tiny", "trainer=cpu", "data.block_size=32", "data.batch_size=8"],
+        "FSDP, 1 CPU process (gpt_tiny), sharded checkpoint + export": ["model=gpt_tiny", "trainer=fsdp"]
+        + ["trainer.devices=1", "data.block_size=64", "data.batch_size=8"],
+        "nanoGPT shakespeare_char, 2 x 64 dims": [
+            "experiment=nanogpt_shakespeare_char",
+            f"data.data_files={shakespeare}",
+        ]
+        + ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "data.block_size=64", "data.batch_size=8"],
+    }
+    for run, (name, args) in zip(runs, shrunk.items(), strict=True):
         run.args = [*args, *cpu]
-        run.name = f"[cpu-smoke] {run.name}"
+        run.name = f"[cpu-smoke] {name}"
         run.mfu_target = run.val_target = None  # tiny CPU runs: no target applies
     return runs
 
@@ -126,7 +130,7 @@ def steady(values: list[float]) -> float | None:
 
 
 def execute(run: Run, root: Path, cache: Path, timeout: int) -> None:
-    run_dir = root / run.name.split(",")[0].replace(" ", "_").replace("[", "").replace("]", "")
+    run_dir = root / "".join(c if c.isalnum() else "_" for c in run.name.split(",")[0]).strip("_")
     env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     t0 = time.perf_counter()
     r = subprocess.run(

@@ -20,9 +20,16 @@ log = logging.getLogger("lm_lab")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
-def check_precision(precision: object, on_gpu: bool) -> None:
+def check_precision(precision: object, on_gpu: bool, sharded: bool = False) -> None:
     """Refuse ``16-mixed`` without a GPU: Lightning 2.6 cannot run fp16 AMP on CPU and would silently
-    train in ``bf16-mixed`` instead (a warning), i.e. not the run that was asked for."""
+    train in ``bf16-mixed`` instead (a warning), i.e. not the run that was asked for. Under
+    ``trainer=fsdp`` (``sharded``) Lightning's ``ModelParallelStrategy`` has no fp16 loss scaling and
+    raises a ``ValueError``; here that is one line naming the precisions it runs."""
+    if str(precision) in ("16-mixed", "16") and sharded:
+        raise ConfigError(
+            f"trainer=fsdp cannot run trainer.precision={precision} (Lightning's ModelParallelStrategy has no "
+            "fp16 loss scaling): use trainer.precision=bf16-mixed, bf16-true or 32-true"
+        )
     if str(precision) in ("16-mixed", "16") and not on_gpu:
         raise ConfigError(
             f"trainer.precision={precision} (float16 with loss scaling) needs a GPU: on CPU use "
