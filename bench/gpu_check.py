@@ -109,6 +109,7 @@ def cpu_smoke_runs(shakespeare: Path) -> list[Run]:
         run.args = [*args, *cpu]
         run.name = f"[cpu-smoke] {name}"
         run.mfu_target = run.val_target = None  # tiny CPU runs: no target applies
+        run.target = f"(GPU: {run.target})"
     return runs
 
 

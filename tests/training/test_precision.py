@@ -35,9 +35,9 @@ MODELS = {
     "gpt_tiny": ["model=gpt_tiny", "data.tokenizer=char"],
     "bert_tiny": ["model=bert_tiny", "model.attn_dropout=0", "data.sample_by=paragraph", "data.vocab_size=500"],
 }
-# bf16 keeps 8 bits of mantissa: a relative rounding of 2^-8 = 0.4% per operation. Tolerances on the
-# per-step loss relative to fp32 (measured: see docs/distributed.md, Precision).
-TOLERANCE = {"bf16-mixed": 0.02, "bf16-true": 0.05}
+# Largest relative difference of a per-step loss to fp32 over 3 steps, measured (docs/distributed.md,
+# Precision): bf16-mixed 3.2e-5 (GPT) / 2.5e-5 (BERT), bf16-true 2.3e-4 / 3.6e-4; about 10x margin.
+TOLERANCE = {"bf16-mixed": 1e-3, "bf16-true": 5e-3}
 
 
 def losses(compose_cfg, run_dir: Path, overrides: list[str]) -> list[float]:
@@ -47,8 +47,7 @@ def losses(compose_cfg, run_dir: Path, overrides: list[str]) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("model", ["gpt_tiny", pytest.param("bert_tiny", marks=pytest.mark.slow)])  # BERT: ~25 s
 def test_cpu_precision_presets_train_close_to_fp32(model: str, compose_cfg, tmp_path: Path) -> None:
     reference = losses(compose_cfg, tmp_path / "fp32", [*MODELS[model], "trainer.precision=32-true"])
     assert len(reference) == STEPS and all(math.isfinite(v) for v in reference)
