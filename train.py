@@ -85,6 +85,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.callbacks.data_position import DataPosition
     from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.data.tokenizer import save_hf
+    from lm_lab.errors import CheckpointError
     from lm_lab.training.checkpoints import (
         AtomicCheckpointIO,
         check_init_from,
@@ -99,7 +100,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.training.precision import check_precision, set_matmul_precision
     from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
-    from lm_lab.training.sharding import checkpoint_activations
+    from lm_lab.training.sharding import checkpoint_activations, is_sharded_checkpoint
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
     # (model=) and the objective (objective=, by default the network's) are looked up in the registry.
@@ -141,7 +142,16 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     micro, accum = data_cfg.micro_batch(world)
     # Built once, by the resume check below (which needs its corpus) or in step 3.
     make_dm = functools.cache(lambda: objective.datamodule_class()(data_cfg, objective_cfg, seed=cfg.seed))
+    strategy = cfg.trainer.get("strategy")
+    sharded = OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith(
+        ("ShardedStrategy", "ModelParallelStrategy")
+    )
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
+        if is_sharded_checkpoint(ckpt_path) and not sharded:
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} is a sharded checkpoint (trainer=fsdp): resume it with trainer=fsdp, "
+                f"or start a run on this strategy from its weights with init_from={ckpt_path}"
+            )
         check_resume(
             ckpt_path,
             model_cfg,
@@ -184,10 +194,6 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
-    strategy = cfg.trainer.get("strategy")
-    sharded = OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith(
-        ("ShardedStrategy", "ModelParallelStrategy")
-    )
     check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(

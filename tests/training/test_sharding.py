@@ -15,7 +15,7 @@ from lm_lab import registry
 from lm_lab.errors import CheckpointError
 from lm_lab.training.checkpoints import find_checkpoints, load_checkpoint, load_export_dir, read_checkpoint
 from lm_lab.training.sharding import CHECKSUM_FILE, checkpoint_activations, is_sharded_checkpoint
-from tests.conftest import SHAKESPEARE
+from tests.conftest import SHAKESPEARE, run_train
 from tests.training.test_distributed import BERT, QUIET, assert_same_curves, metrics, train
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
@@ -110,6 +110,19 @@ def test_a_damaged_shard_is_refused(runs: dict[str, Path], tmp_path: Path) -> No
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"is damaged: its file __1_0.distcp"):
         read_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+def test_resuming_a_sharded_checkpoint_under_ddp_is_one_line(
+    runs: dict[str, Path], corpus: Path, cache: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "ddp"
+    args = [*GPT, f"data.data_files={corpus}", *DDP, f"trainer.max_steps={STEPS}", f"ckpt_path={runs['half']}"]
+    r = run_train([*args, f"hydra.run.dir={run_dir}"], tmp_path, cache, HF_HUB_OFFLINE="1")
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is a sharded checkpoint (trainer=fsdp): resume it with trainer=fsdp" in errors[0]
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow
