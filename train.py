@@ -89,6 +89,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.callbacks.resume_agreement import SameResumePoint
     from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.data.tokenizer import save_hf
+    from lm_lab.errors import CheckpointError
     from lm_lab.training.checkpoints import (
         check_init_from,
         check_resume,
@@ -98,9 +99,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     )
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
-    from lm_lab.training.plan import planned_world_size
+    from lm_lab.training.plan import planned_on_gpu, planned_world_size
+    from lm_lab.training.precision import check_precision, set_matmul_precision
     from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
+    from lm_lab.training.sharding import checkpoint_activations, is_sharded_checkpoint
     from lm_lab.training.sweeps import active_trial, clear_finished, write_finished
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
@@ -143,7 +146,16 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     micro, accum = data_cfg.micro_batch(world)
     # Built once, by the resume check below (which needs its corpus) or in step 3.
     make_dm = functools.cache(lambda: objective.datamodule_class()(data_cfg, objective_cfg, seed=cfg.seed))
+    strategy = cfg.trainer.get("strategy")
+    sharded = OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith(
+        ("ShardedStrategy", "ModelParallelStrategy")
+    )
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
+        if is_sharded_checkpoint(ckpt_path) and not sharded:
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} is a sharded checkpoint (trainer=fsdp): resume it with trainer=fsdp, "
+                f"or start a run on this strategy from its weights with init_from={ckpt_path}"
+            )
         check_resume(
             ckpt_path,
             model_cfg,
@@ -193,6 +205,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
+    check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
+    # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,
         "trainer",
@@ -203,6 +217,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         accumulate_grad_batches=accum,
         val_check_interval=interval,
     )
+    on_cuda = type(trainer.accelerator).__name__ == "CUDAAccelerator"
+    set_matmul_precision(cfg.get("matmul_precision", "high"), on_cuda=on_cuda)
     if trainer.world_size != world:
         raise ConfigError(
             f"the Trainer runs {trainer.world_size} processes but trainer.num_nodes x trainer.devices "
@@ -232,6 +248,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     )
     if source is not None and ckpt_path is None:
         load_into(task, source)
+    if cfg.get("activation_checkpointing"):
+        checkpoint_activations(task.net, (registry.network_of(model_cfg).block_class(),))
     if cfg.get("compile"):
         task.net.compile()
     if trainer.is_global_zero:

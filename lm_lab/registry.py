@@ -46,6 +46,8 @@ class NetworkSpec:
     ``hf``: the module with ``hf_config_dict(cfg)``, ``hf_state_dict(module)``,
     ``load_hf_state_dict(module, sd)`` and ``config_from_hf(dict)``; ``hf_model_type`` is the
     ``model_type`` of the ``config.json`` it writes and reads. ``None``: no Hugging Face counterpart.
+    ``block``: the class of its repeated transformer block, the unit that sharding (``trainer=fsdp``)
+    and activation checkpointing wrap; ``None``: neither is available for this network.
     """
 
     name: str
@@ -57,6 +59,7 @@ class NetworkSpec:
     hf: Any = None
     hf_model_type: str | None = None
     default_objective: str | None = None
+    block: Any = None
 
     def build_backbone(self, cfg: Any, **kwargs: Any) -> Any:
         """The plain network task heads read (``hf_prefix``: its attribute name in HF's task classes)."""
@@ -70,6 +73,15 @@ class NetworkSpec:
     def build(self, cfg: Any) -> Any:
         """The module the pretraining objectives train."""
         return _resolve(self.lm)(cfg)
+
+    def block_class(self) -> type:
+        """The transformer block class (``block``): the sharding and activation-checkpointing unit."""
+        if self.block is None:
+            raise ConfigError(
+                f"network {self.name} names no transformer block class (NetworkSpec.block): it cannot be sharded "
+                "or use activation checkpointing; register it with block='module:Class'"
+            )
+        return _resolve(self.block)
 
     def hf_module(self) -> Any:
         if self.hf is None:
@@ -132,6 +144,7 @@ register_network(
         hf_prefix="transformer",
         hf="lm_lab.models.gpt.hf",
         hf_model_type="gpt2",
+        block="lm_lab.models.gpt.model:Block",
     )
 )
 register_network(
@@ -144,6 +157,7 @@ register_network(
         hf_prefix="model",
         hf="lm_lab.models.llama.hf",
         hf_model_type="llama",
+        block="lm_lab.models.llama.model:DecoderLayer",
     )
 )
 register_network(
@@ -156,6 +170,7 @@ register_network(
         hf_prefix="bert",
         hf="lm_lab.models.bert.hf",
         hf_model_type="bert",
+        block="lm_lab.models.bert.model:BertLayer",
     )
 )
 register_objective(

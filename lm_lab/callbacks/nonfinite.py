@@ -43,6 +43,8 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and str(trainer.precision) != "16-mixed":
             total = torch.nn.utils.get_total_norm(grads)  # NaN/inf if any gradient is
+            if hasattr(total, "full_tensor"):  # FSDP2's sharded gradients: a DTensor, each rank holding a part
+                total = total.full_tensor()
             bad = torch.maximum(bad, (~torch.isfinite(total)).float().to(bad.device))
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad, reduce_op="sum")

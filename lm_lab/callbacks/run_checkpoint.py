@@ -96,7 +96,7 @@ class RunCheckpoint(ModelCheckpoint):
         if not self.best_model_path or self.dirpath is None or "://" in str(self.dirpath):
             return
         best = Path(self.best_model_path)
-        if not best.is_file():
+        if not best.exists():  # a file, or a directory (a sharded checkpoint, trainer=fsdp)
             return
         link = Path(self.dirpath) / BEST_LINK
         # The ".*.ckpt.tmp-<pid>" pattern of AtomicCheckpointIO: a killed run's leftover is cleaned up.
@@ -105,7 +105,10 @@ class RunCheckpoint(ModelCheckpoint):
         try:
             os.symlink(best.name if best.parent == link.parent else best.resolve(), tmp)
         except OSError:
-            shutil.copyfile(best, tmp)
+            if best.is_dir():
+                shutil.copytree(best, tmp)
+            else:
+                shutil.copyfile(best, tmp)
         os.replace(tmp, link)
 
     def write_last(self, trainer: L.Trainer) -> None:

@@ -170,6 +170,18 @@ class LMTask(L.LightningModule):
         if self.tokenizer_backend is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_backend.to_str()
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``, which sets ``device_mesh``):
+        shard the network with its transformer blocks as the units (``training.sharding``)."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from lm_lab.training.sharding import shard_blocks
+
+        n = shard_blocks(self.net, mesh["data_parallel"], (self.network_spec.block_class(),))
+        if n and self.global_rank == 0:
+            log.info("fsdp: %d %s blocks sharded over %d processes", n, self.network_spec.name, mesh.size())
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []

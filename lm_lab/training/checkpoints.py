@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tokenizers import Tokenizer
 
 from lm_lab.errors import CheckpointError  # defined there: importable without torch
 from lm_lab.schema import ConfigError, resume_fields, tokenizer_fields
+from lm_lab.training.sharding import is_sharded_checkpoint
 
 log = logging.getLogger("lm_lab")
 
@@ -34,6 +36,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     ``init_from``, export, generate and fill_mask.
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _read_sharded_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path}: check ckpt_path (use ckpt_path=last to resume "
@@ -61,6 +65,52 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
             "use an earlier checkpoint"
         ) from e
+    _check_layout(ckpt, path)
+    if identity not in _VERIFIED:  # hashing is the costly part; a run reads its checkpoint several times
+        verify_weights(ckpt, path)
+        _VERIFIED.add(identity)
+    return ckpt
+
+
+def _read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint (a directory written by ``trainer=fsdp``, ``training.sharding``): every
+    file checked against its CRC-32, ``meta.pt`` loaded with ``weights_only=True``, the weights
+    consolidated on CPU, then the same layout and finiteness checks as a single file."""
+    from lm_lab.training.sharding import CHECKSUM_FILE, read_sharded, verify_checksums
+
+    sums = path / CHECKSUM_FILE
+    st = sums.stat() if sums.is_file() else (path / "meta.pt").stat()
+    identity = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if identity not in _VERIFIED:
+        if not sums.is_file():
+            log.info("sharded checkpoint %s has no %s (not written by lm_lab): files not verified", path, CHECKSUM_FILE)
+        else:
+            bad = verify_checksums(path)
+            if bad is not None:
+                raise CheckpointError(
+                    f"checkpoint {path} is damaged: its file {bad} is missing or does not match the checksum "
+                    "written with it: use an earlier checkpoint"
+                )
+    try:
+        ckpt = read_sharded(path)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} is not an lm_lab checkpoint: its meta.pt contains Python objects beyond tensors and plain "
+            "containers, which lm_lab never unpickles: pass a checkpoint written by train.py"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(
+            f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
+            "use an earlier checkpoint"
+        ) from e
+    _check_layout(ckpt, path)
+    if identity not in _VERIFIED:
+        verify_weights(ckpt, path, files_checked=sums.is_file())
+        _VERIFIED.add(identity)
+    return ckpt
+
+
+def _check_layout(ckpt: Any, path: Path) -> None:
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if (
         not isinstance(ckpt, dict)
@@ -73,10 +123,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not an lm_lab checkpoint (it needs a state_dict and hyper_parameters naming the "
             "network and its settings): pass a checkpoint written by train.py"
         )
-    if identity not in _VERIFIED:  # hashing is the costly part; a run reads its checkpoint several times
-        verify_weights(ckpt, path)
-        _VERIFIED.add(identity)
-    return ckpt
 
 
 CHECKSUM_KEY = "lm_lab_checksum"
@@ -104,11 +150,14 @@ def weights_checksum(state_dict: dict[str, Any]) -> dict[str, int]:
     return sums
 
 
-def verify_weights(ckpt: dict[str, Any], path: Path) -> None:
-    """Refuse weights that differ from the checksum stored with them, or that are not finite."""
+def verify_weights(ckpt: dict[str, Any], path: Path, files_checked: bool = False) -> None:
+    """Refuse weights that differ from the checksum stored with them, or that are not finite.
+    ``files_checked``: a sharded checkpoint whose files were checked against their own CRC-32s."""
     state = ckpt["state_dict"]
     stored = (ckpt.get(CHECKSUM_KEY) or {}).get("crc32")
-    if stored is None:
+    if files_checked:
+        pass
+    elif stored is None:
         log.info("checkpoint %s has no weights checksum (written before lm_lab stored one): not verified", path)
     else:
         now = weights_checksum(state)
@@ -146,7 +195,9 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
     ]
     found += list(output_dir.glob("hpc_ckpt_*.ckpt"))
     return sorted(
-        (p for p in found if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True
+        (p for p in found if p.is_file() or is_sharded_checkpoint(p)),
+        key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"),
+        reverse=True,
     )
 
 
@@ -173,7 +224,7 @@ def resolve_ckpt_path(value: str | None, output_dir: Path) -> Path | None:
             "read: start a new run (ckpt_path=null and another hydra.run.dir)"
         )
     path = Path(value).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         raise CheckpointError(
             f"ckpt_path={path} is a directory: pass a checkpoint file, e.g. "
             f"{path / 'checkpoints' / 'last.ckpt'}, or ckpt_path=last with hydra.run.dir={path}"
@@ -186,7 +237,7 @@ def resolve_ckpt_path(value: str | None, output_dir: Path) -> Path | None:
             if path.parent.name == "checkpoints"
             else []
         )
-        if others and path.is_file():
+        if others and (path.is_file() or is_sharded_checkpoint(path)):
             raise CheckpointError(f"{e} (e.g. ckpt_path={others[0]})") from None
         raise
     return path
@@ -238,6 +289,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return None
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if is_sharded_checkpoint(Path(str(path))):
+            # Only ShardedStrategy loads the shards into a sharded model (it never calls this).
+            raise CheckpointError(
+                f"{path} is a sharded checkpoint (trainer=fsdp): resume it with trainer=fsdp, or start a "
+                f"run on this strategy from its weights with init_from={path}"
+            )
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         # The file a resume restores is the one that was vetted: weights_only, checksum, finite weights.
@@ -276,11 +333,14 @@ def _fsync_dir(directory: Path) -> None:
 
 def remove_partial_checkpoints(directory: Path) -> None:
     """Delete temporary files of checkpoint writes killed by SIGKILL (their process is gone)."""
-    for tmp in directory.glob(".*.ckpt.tmp-*"):
+    for tmp in [*directory.glob(".*.ckpt.tmp-*"), *directory.glob(".*.ckpt.old-*")]:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             log.info("removing a partial checkpoint left by a killed run: %s", tmp)
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():  # a sharded checkpoint's directory
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -520,7 +580,7 @@ def load_task(source: str | Path, *, able_to: str, hint: str) -> Any:
     """The task (eval mode) of a ``.ckpt`` or an exported Hugging Face directory, refusing one that
     cannot ``able_to`` (a method name: ``generate``, ``fill_mask``); ``hint`` says what to use instead."""
     path = Path(source)
-    task = load_export_dir(path) if path.is_dir() else load_checkpoint(path)
+    task = load_export_dir(path) if path.is_dir() and not is_sharded_checkpoint(path) else load_checkpoint(path)
     if not callable(getattr(task, able_to, None)):
         raise CheckpointError(
             f"{path} holds a {task.network} model trained with objective={task.objective_spec.name}, "

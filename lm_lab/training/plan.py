@@ -42,3 +42,13 @@ def planned_world_size(trainer_cfg: Mapping[str, Any]) -> int:
             raise ConfigError(f"trainer.devices={devices!r}: {e}") from None
         per_node = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed)
     return int(nodes) * per_node
+
+
+def planned_on_gpu(trainer_cfg: Mapping[str, Any]) -> bool:
+    """Whether ``trainer.accelerator`` will run on CUDA GPUs (``auto`` takes one when there is one)."""
+    import torch
+
+    accelerator = trainer_cfg.get("accelerator", "auto") or "auto"
+    if not isinstance(accelerator, str):
+        return type(accelerator).__name__ == "CUDAAccelerator"
+    return accelerator.lower() in ("auto", "gpu", "cuda") and torch.cuda.is_available()

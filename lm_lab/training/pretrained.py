@@ -43,7 +43,9 @@ class WeightsSource:
 def read_source(path: str | Path) -> WeightsSource:
     """Read an lm_lab ``.ckpt`` or a Hugging Face model directory (one-line errors)."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    from lm_lab.training.sharding import is_sharded_checkpoint
+
+    if path.is_dir() and not is_sharded_checkpoint(path):
         return _read_hf_dir(path)
     from lm_lab.training.checkpoints import configs_of_checkpoint, read_checkpoint
 
