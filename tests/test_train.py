@@ -193,3 +193,38 @@ def test_logger_presets_write_metrics_csv_and_debug_fdr_has_none(compose_cfg) ->
     for choice in ("default", "wandb", "tensorboard", "csv"):
         assert "csv" in compose_cfg(f"logger={choice}").logger, choice
     assert not compose_cfg("debug=fdr").logger
+
+
+def test_train_metrics_reach_the_loggers_every_log_every_n_steps_with_the_per_step_values(
+    compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task hands its train metrics to Lightning only on the steps Lightning writes (a cost cut):
+    the CSV rows at steps 3 and 6 hold the same values as a run that logs every step, and the
+    progress lines (every 2 steps here) show each step's own loss, not the last logged one."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    common = [*TINY, *SHAKES, "trainer.max_steps=6", "trainer.val_check_interval=6", "sample_tokens=0"]
+    every = compose_cfg(*common, "trainer.log_every_n_steps=1", run_dir=tmp_path / "every")
+    train(every)
+    GlobalHydra.instance().clear()
+    sparse = compose_cfg(
+        *common, "trainer.log_every_n_steps=3", "callbacks.progress.every_n_steps=2", run_dir=tmp_path / "sparse"
+    )
+    with caplog.at_level("INFO", logger="lm_lab"):
+        train(sparse)
+
+    def rows(run: Path) -> dict[int, dict[str, str]]:
+        with open(run / "metrics.csv") as fh:
+            return {int(r["step"]): r for r in csv.DictReader(fh) if r.get("train/loss")}
+
+    dense, thin = rows(tmp_path / "every"), rows(tmp_path / "sparse")
+    assert sorted(dense) == [1, 2, 3, 4, 5, 6] and sorted(thin) == [3, 6]
+    for step in (3, 6):
+        for key in ("train/loss", "lr", "tokens_seen"):
+            assert float(thin[step][key]) == pytest.approx(float(dense[step][key]), rel=1e-6), (step, key)
+    shown = {
+        int(m.split("step ")[1].split("/")[0]): m for m in caplog.messages if m.startswith("step ") and "loss" in m
+    }
+    for step in (2, 4):  # steps whose metrics were never handed to Lightning
+        loss = float(shown[step].split("loss ")[1].split(" ")[0])
+        assert loss == pytest.approx(float(dense[step]["train/loss"]), abs=1e-4), shown[step]

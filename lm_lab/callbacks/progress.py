@@ -82,7 +82,9 @@ class ProgressLog(L.Callback):
         step = trainer.global_step
         if not (step % self.every_n_steps == 0 or step == self._first_step + 1 or step == self._total):
             return
-        metrics = trainer.callback_metrics
+        # The task's metrics of this very step (it hands them to Lightning's logging only every
+        # log_every_n_steps); Lightning's callback metrics otherwise.
+        metrics = getattr(pl_module, "step_metrics", None) or trainer.callback_metrics
         train_time = self._training_time()
         tokens = int(getattr(pl_module, "tokens_seen", 0))
         last_step, last_tokens, last_time = self._last
