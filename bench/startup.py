@@ -1,0 +1,91 @@
+"""Start-up: process start to the end of the first optimizer step, against bare imports.
+
+    python bench/startup.py [--repeats 3]
+
+Rows (each a fresh process, alternating, median of repeats; the corpus is already tokenized in the
+cache, as from a user's second run):
+
+- ``python -c "import torch"`` and ``python -c "import torch, lightning"``: the floor a Lightning
+  program cannot go below (Lightning's import pulls in ``torch._dynamo`` and torchmetrics, which
+  imports scipy.signal and transformers when they are installed).
+- ``train.py experiment=nanogpt_shakespeare_char_cpu logger=csv``: to the end of step 1 (the
+  time stamp of its first progress line in train.log).
+- the same with the default loggers (W&B offline + CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def bare(code: str) -> float:
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.time() - t0
+
+
+def first_step(data: Path, work: Path, logger: str) -> float:
+    run = work / f"run_{logger}_{time.monotonic_ns()}"
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=nanogpt_shakespeare_char_cpu",
+        f"data.data_files={data}",
+        f"logger={logger}",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_steps=2",
+        "scheduler.warmup_steps=1",
+        "final_validation=false",
+        "sample_tokens=0",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "LM_LAB_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=work, env=env, capture_output=True)
+    line = next(x for x in (run / "train.log").read_text().splitlines() if "step 1/" in x)
+    stamp = dt.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return stamp - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        work = Path(root)
+        first_step(args.data.resolve(), work, "csv")  # tokenize the corpus once (not timed)
+        rows = {
+            "python -c 'import torch'": lambda: bare("import torch"),
+            "python -c 'import torch, lightning'": lambda: bare("import torch, lightning"),
+            "train.py ... logger=csv: start to end of step 1": lambda: first_step(args.data.resolve(), work, "csv"),
+            "train.py ... (default loggers: W&B offline + CSV)": lambda: first_step(
+                args.data.resolve(), work, "default"
+            ),
+        }
+        times: dict[str, list[float]] = {k: [] for k in rows}
+        for _ in range(args.repeats):
+            for name, fn in rows.items():
+                times[name].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["python -c 'import torch, lightning'"]
+    print(f"\nstart-up, median of {args.repeats} (corpus cached)\n")
+    print("| process | seconds | vs importing torch + lightning |")
+    print("| --- | ---: | ---: |")
+    for name, t in med.items():
+        print(f"| {name} | {t:.2f} | {t / floor:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
