@@ -1,4 +1,4 @@
-"""Pieces shared by the model families: head splitting, SDPA attention, activations.
+"""Pieces shared by the model families: head splitting, SDPA attention, document masks, activations.
 
 Plain PyTorch; no Lightning or Hydra here.
 """
@@ -6,10 +6,12 @@ Plain PyTorch; no Lightning or Hydra here.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -40,6 +42,94 @@ def attention(
     on GPU, the fused CPU kernel here).
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+# ------------------------------------------------------------------ documents in packed blocks
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) document index within each row (0, 1, ...).
+
+    Packed blocks hold documents each followed by ``eos_id`` (``data.packing``); the separator
+    belongs to the document it ends, so a new document starts right after each ``eos_id``. A block
+    that starts mid-document counts that fragment as document 0.
+    """
+    ends = (input_ids == eos_id).long()
+    return ends.cumsum(1) - ends
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids (non-decreasing along T) -> (B, T) positions restarting at 0 in each document."""
+    t = doc_ids.size(1)
+    idx = torch.arange(t, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values  # start of each token's document
+    return idx - first
+
+
+AttentionMask = torch.Tensor | BlockMask
+
+
+def use_flex(device: torch.device, dropout: float) -> bool:
+    """FlexAttention where it has a fused kernel (CUDA) and no attention dropout is asked for (it has none)."""
+    return device.type == "cuda" and dropout == 0.0
+
+
+def causal_document_mask(doc_ids: torch.Tensor, *, flex: bool = False) -> AttentionMask:
+    """The mask of causal attention inside each document, built once per forward and shared by every layer.
+
+    With ``flex`` (``use_flex``: on CUDA) a FlexAttention ``BlockMask``: its kernel skips the tiles
+    where two documents do not meet, so the cost falls with the number of documents. Otherwise a
+    boolean (B, 1, T, T) tensor for SDPA (True = may attend): a dense mask per row, which also rules
+    out SDPA's flash kernel (its cost on CPU: ``bench/document_mask.py``).
+    """
+    b, t = doc_ids.shape
+    if flex:
+
+        def same_document_causal(b_: torch.Tensor, h_: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return (doc_ids[b_, q] == doc_ids[b_, kv]) & (q >= kv)
+
+        return create_block_mask(same_document_causal, b, None, t, t, device=doc_ids.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal  # (B, 1, T, T)
+
+
+_compiled_flex: typing.Callable[..., torch.Tensor] | None = None
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    # Eager flex_attention is a reference implementation over the materialised scores; the fused
+    # kernel comes from torch.compile, so on CUDA it is compiled once here (as torchtitan does),
+    # whether or not the whole network is.
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: AttentionMask | None = None,
+    dropout: float = 0.0,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Causal attention on (B, nh, T, hs) queries and (B, nkv, T, hs) keys/values.
+
+    ``mask`` None: plain causal SDPA (its fused kernels). A boolean tensor from
+    ``causal_document_mask``: SDPA with that mask (causality is inside it). A ``BlockMask``:
+    FlexAttention, which has no attention dropout (``use_flex`` keeps such runs on SDPA).
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=enable_gqa)
+    if isinstance(mask, BlockMask):
+        if dropout:
+            raise ValueError("FlexAttention has no attention dropout: build a boolean mask (flex=False) instead")
+        return _flex(q, k, v, mask, enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=enable_gqa)
 
 
 ACTIVATIONS = {

@@ -18,11 +18,15 @@ from torch import nn
 from lm_lab.models.generation import generate
 from lm_lab.models.layers import (
     ACTIVATIONS,
-    attention,
+    AttentionMask,
+    causal_attention,
+    causal_document_mask,
+    document_positions,
     init_normal_,
     merge_heads,
     residual_std,
     split_heads,
+    use_flex,
 )
 from lm_lab.schema import RESUME_FREE, ConfigBase
 
@@ -43,6 +47,10 @@ class GPTConfig(ConfigBase):
     activation: str = "gelu_tanh"
     layer_norm_eps: float = 1e-5
     init_std: float = field(default=0.02, metadata=RESUME_FREE)
+    # Packed blocks: attend only within each document (documents end with the EOS token; the
+    # objective passes their ids to forward as ``document_ids``), and optionally restart positions.
+    document_mask: bool = False
+    document_positions: bool = False
 
     def validate(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len"):
@@ -58,6 +66,11 @@ class GPTConfig(ConfigBase):
             self.activation in ACTIVATIONS,
             f"model.activation={self.activation!r} is unknown: use one of {sorted(ACTIVATIONS)}",
         )
+        self.require(
+            self.document_mask or not self.document_positions,
+            "model.document_positions=true restarts positions at each document of a packed block: "
+            "it needs model.document_mask=true",
+        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -70,10 +83,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)  # 3 x (B, T, C)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, nh, T, hs)
-        y = attention(q, k, v, causal=True, dropout=self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, mask=mask, dropout=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
@@ -99,8 +112,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,16 +130,33 @@ class GPTBackbone(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
-    def forward(self, input_ids: torch.Tensor, **_: typing.Any) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_: typing.Any,
+    ) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states. Causal: right padding needs no mask (a position
-        never sees the padding after it); ``attention_mask``/``token_type_ids`` are accepted and ignored."""
+        never sees the padding after it); ``attention_mask``/``token_type_ids`` are accepted and ignored.
+
+        ``document_ids`` (B, T) (``layers.document_ids``): attend only within each document, with
+        positions restarting per document when ``config.document_positions``. ``position_ids``
+        (B, T) or (T,): explicit positions (default 0..T-1)."""
         t = input_ids.size(1)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(t, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C)
+        mask = None
+        if document_ids is not None:
+            flex = use_flex(input_ids.device, self.config.dropout if self.training else 0.0)
+            mask = causal_document_mask(document_ids, flex=flex)
+            if position_ids is None and self.config.document_positions:
+                position_ids = document_positions(document_ids)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
-            x = block(x)
+            x = block(x, mask)
         return self.ln_f(x)
 
 
@@ -151,12 +181,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(idx))
+    def forward(self, idx: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V); ``document_ids=``/``position_ids=`` as in ``GPTBackbone``."""
+        return self.lm_head(self.hidden_states(idx, **kwargs))
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.transformer(idx)
+    def hidden_states(self, idx: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
+        return self.transformer(idx, **kwargs)
 
     def estimate_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B): 6N for the weights plus attention's 12*L*C*T,

@@ -19,7 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_lab.models.generation import generate
-from lm_lab.models.layers import init_normal_, merge_heads, residual_std, split_heads
+from lm_lab.models.layers import (
+    AttentionMask,
+    causal_attention,
+    causal_document_mask,
+    document_positions,
+    init_normal_,
+    merge_heads,
+    residual_std,
+    split_heads,
+    use_flex,
+)
 from lm_lab.schema import RESUME_FREE, ConfigBase
 
 # SwiGLU's hidden width when ``intermediate_size`` is None: 2/3 of the usual 4 * n_embd (so the three
@@ -53,6 +63,10 @@ class LlamaConfig(ConfigBase):
     tie_embeddings: bool = True
     dropout: float = field(default=0.0, metadata=RESUME_FREE)
     init_std: float = field(default=0.02, metadata=RESUME_FREE)
+    # Packed blocks: attend only within each document (documents end with the EOS token; the
+    # objective passes their ids to forward as ``document_ids``), and optionally restart positions.
+    document_mask: bool = False
+    document_positions: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -94,6 +108,11 @@ class LlamaConfig(ConfigBase):
         self.require(self.rms_norm_eps > 0, f"model.rms_norm_eps={self.rms_norm_eps} must be > 0")
         self.require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         self.require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        self.require(
+            self.document_mask or not self.document_positions,
+            "model.document_positions=true restarts positions at each document of a packed block: "
+            "it needs model.document_mask=true",
+        )
 
 
 class RMSNorm(nn.Module):
@@ -146,9 +165,14 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(emb.cos())
         self.sin.copy_(emb.sin())
 
-    def forward(self, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (T, hs) in ``dtype``, for positions 0..t-1."""
-        return self.cos[:t].to(dtype), self.sin[:t].to(dtype)
+    def forward(
+        self, t: int, dtype: torch.dtype, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, hs) in ``dtype``, for positions 0..t-1; with ``position_ids`` (B, T)
+        each (B, 1, T, hs), for those positions."""
+        if position_ids is None:
+            return self.cos[:t].to(dtype), self.sin[:t].to(dtype)
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +182,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) queries or keys by their positions' angles (cos/sin are (T, hs))."""
+    """Rotate (B, nh, T, hs) queries or keys by their positions' angles (cos/sin (T, hs) or (B, 1, T, hs))."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -184,16 +208,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
         q = apply_rotary(split_heads(self.q_proj(x), self.n_head), cos, sin)  # (B, nh, T, hs)
         k = apply_rotary(split_heads(self.k_proj(x), self.n_kv_head), cos, sin)  # (B, nkv, T, hs)
         v = split_heads(self.v_proj(x), self.n_kv_head)
-        y = F.scaled_dot_product_attention(
+        y = causal_attention(
             q,
             k,
             v,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
+            mask=mask,
+            dropout=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.resid_dropout(self.o_proj(merge_heads(y)))
@@ -223,8 +249,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -239,14 +267,31 @@ class LlamaBody(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.config = cfg
 
-    def forward(self, idx: torch.Tensor, **_: typing.Any) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **_: typing.Any,
+    ) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states. Causal: right padding needs no mask;
-        ``attention_mask``/``token_type_ids`` are accepted and ignored."""
+        ``attention_mask``/``token_type_ids`` are accepted and ignored.
+
+        ``document_ids`` (B, T) (``layers.document_ids``): attend only within each document, with
+        positions restarting per document when ``config.document_positions``. ``position_ids``
+        (B, T): explicit positions (default 0..T-1)."""
+        mask = None
+        if document_ids is not None:
+            flex = use_flex(idx.device, self.config.dropout if self.training else 0.0)
+            mask = causal_document_mask(document_ids, flex=flex)
+            if position_ids is None and self.config.document_positions:
+                position_ids = document_positions(document_ids)
         x = self.drop(self.embed_tokens(idx))  # (B, T, C)
-        cos, sin = self.rotary_emb(idx.size(1), x.dtype)
+        cos, sin = self.rotary_emb(idx.size(1), x.dtype, position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 
@@ -287,22 +332,27 @@ class Llama(nn.Module):
     def estimate_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B): 6N + 12 * n_layer * n_embd * seq_len.
 
-        ``seq_len`` is the length trained at (the data's block size). Grouped-query attention does
-        not change the attention term: every query head still scores ``seq_len`` keys.
+        ``seq_len`` is the length trained at (the data's block size). N counts the weights that
+        multiply: an untied input embedding is a lookup and is left out; a tied one is the output
+        head's matrix and stays. Grouped-query attention does not change the attention term:
+        every query head still scores ``seq_len`` keys.
         """
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+        n = self.num_params()
+        if not c.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * seq_len
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(idx))
+    def forward(self, idx: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V); ``document_ids=``/``position_ids=`` as in ``LlamaBody``."""
+        return self.lm_head(self.hidden_states(idx, **kwargs))
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
         """idx (B, T) -> final-norm hidden states (B, T, C)."""
         t = idx.size(1)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        return self.model(idx)
+        return self.model(idx, **kwargs)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; ``targets`` (B, T), -100 ignored."""

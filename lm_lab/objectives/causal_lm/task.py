@@ -1,7 +1,9 @@
 """Causal language modelling: next-token cross-entropy, for any decoder in the registry.
 
 The network is whatever ``model=`` names (GPT, Llama, or one registered from outside lm_lab): this
-file only assumes ``net(ids) -> logits (B, T, V)`` and ``net.config.max_seq_len``.
+file only assumes ``net(ids) -> logits (B, T, V)`` and ``net.config.max_seq_len``. With
+``model.document_mask=true`` it also passes ``document_ids=`` (B, T), numbered from the end-of-text
+token that ends each document in a packed block, and the network keeps attention inside each one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_lab.models.generation import generate
+from lm_lab.models.layers import document_ids
 from lm_lab.objectives.base import LMTask, StepOutput
 from lm_lab.objectives.causal_lm.settings import CausalLMConfig
 
@@ -22,10 +25,23 @@ class CausalLMTask(LMTask):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.flops_per_token: float | None = None  # of the training block size; read by the Throughput callback
+        self.eos_id: int | None = None  # documents end here in packed blocks (model.document_mask)
+        if getattr(self.model_cfg, "document_mask", False):
+            from lm_lab.data.tokenizer import eot_id
+            from lm_lab.schema import ConfigError
+
+            self.eos_id = eot_id(self.tokenizer_backend) if self.tokenizer_backend is not None else None
+            if self.eos_id is None:
+                raise ConfigError(
+                    "model.document_mask=true splits packed blocks at the end-of-text token, but the tokenizer "
+                    "has none (<|endoftext|>, </s>, [SEP] or <eos>): use a tokenizer with one, or model.document_mask=false"
+                )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V)."""
-        return self.net(idx)
+        """Token ids (B, T) -> logits (B, T, V) (within each document with ``model.document_mask``)."""
+        if self.eos_id is None:
+            return self.net(idx)
+        return self.net(idx, document_ids=document_ids(idx, self.eos_id))
 
     def estimate_flops_per_token(self, seq_len: int) -> float | None:
         """Training FLOPs per token at ``seq_len``, as the network counts them (None if it does not)."""
@@ -35,7 +51,7 @@ class CausalLMTask(LMTask):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> StepOutput:
         if stage == "train" and self.flops_per_token is None:
             self.flops_per_token = self.estimate_flops_per_token(batch["input_ids"].size(1))
-        logits = self.net(batch["input_ids"])
+        logits = self(batch["input_ids"])
         labels = batch["labels"].flatten()
         n = (labels != -100).sum()
         # Sum / max(n, 1): a micro-batch without targets (an evaluation padding slot) gives 0, not NaN.

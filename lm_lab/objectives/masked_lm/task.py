@@ -43,7 +43,10 @@ class MaskedLMTask(LMTask):
             # that feed no loss, so they must not require gradients.
             for p in (*self.net.bert.pooler.parameters(), *self.net.cls.seq_relationship.parameters()):
                 p.requires_grad_(False)
-        self.flops_per_token: float | None = None  # of the last training batch; read by the Throughput callback
+        # Masked and real tokens trained on, summed on the device (no host read per step); the
+        # Throughput callback reads ``flops_per_token`` once per window.
+        self._mlm_counts: torch.Tensor | None = None
+        self._seq_len = 0
 
     def forward(
         self,
@@ -90,8 +93,10 @@ class MaskedLMTask(LMTask):
                 metrics["nsp_acc"] = (nsp_hits / n_nsp.clamp(min=1), n_nsp)
         elif stage == "train":
             mask = batch.get("attention_mask")
-            real = int(mask.sum()) if mask is not None else labels.numel()
-            self.flops_per_token = self.estimate_flops_per_token(labels.size(1), targets.numel() / max(real, 1))
+            real = mask.sum() if mask is not None else torch.tensor(labels.numel(), device=labels.device)
+            counts = torch.stack([n_mlm.long(), real.long(), torch.tensor(labels.size(0), device=labels.device)])
+            self._mlm_counts = counts if self._mlm_counts is None else self._mlm_counts + counts
+            self._seq_len = labels.size(1)
         return StepOutput(loss, metrics)
 
     def combine(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,15 +104,30 @@ class MaskedLMTask(LMTask):
         loss = means["mlm_loss"] + means["nsp_loss"] if "nsp_loss" in means else means["mlm_loss"]
         return {"loss": loss, **means}
 
-    def estimate_flops_per_token(self, seq_len: int, mlm_fraction: float) -> float:
-        """Training FLOPs (forward + backward = 3 x 2 x multiply-adds) per real token: the encoder's
-        matmuls, attention over ``seq_len`` keys, and the MLM head on the ``mlm_fraction`` of
-        tokens it runs on (embedding lookups, pooler and NSP head are negligible)."""
+    @property
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per real token over the batches trained so far (None before the first);
+        reads the device counters (one host sync: the Throughput callback calls it once per window)."""
+        if self._mlm_counts is None:
+            return None
+        masked, real, sequences = self._mlm_counts.tolist()
+        return self.estimate_flops_per_token(self._seq_len, masked / max(real, 1), sequences / max(real, 1))
+
+    def estimate_flops_per_token(self, seq_len: int, mlm_fraction: float, sequence_fraction: float = 0.0) -> float:
+        """Training FLOPs per real token, as computed: 6 x (multiply-adds) = forward 2 + backward 4.
+
+        PaLM's 6N + 12·L·H·Q·T with N the encoder's weight matrices (q, k, v, o and the two FFN
+        matrices per layer) and T = ``seq_len``; plus the MLM head (transform d x d and the tied
+        decoder d x V) on the ``mlm_fraction`` of tokens it runs on, and, with a sentence-pair
+        objective, the pooler (d x d) and NSP classifier (d x 2) once per sequence
+        (``sequence_fraction`` = sequences per real token). Biases, LayerNorms and embedding lookups are left out (PaLM's count).
+        """
         c = self.model_cfg
         d = c.n_embd
         per_layer = 4 * d * d + 2 * d * c.d_ff + 2 * seq_len * d  # q k v o, FFN, QK^T and AV
         head = (d * d + d * c.vocab_size) * mlm_fraction  # transform + tied decoder
-        return 6.0 * (c.n_layer * per_layer + head)
+        pair = (d * d + 2 * d) * sequence_fraction if self.pair_objective != "none" else 0.0
+        return 6.0 * (c.n_layer * per_layer + head + pair)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

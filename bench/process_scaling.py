@@ -7,8 +7,8 @@ the logged windows after the first) and the scaling efficiency ``tokens/s (2 pro
 tokens/s (1 process))``. Each process uses one intra-op thread, so 2 processes use 2 cores where 1
 uses one: the comparison is one core against two.
 
-    python bench/scaling.py                       # gpt_mini, Tiny Shakespeare (char), 16 x 256, 40 steps
-    python bench/scaling.py --model gpt_tiny --steps 30
+    python bench/process_scaling.py                       # gpt_mini, Tiny Shakespeare (char), 16 x 256, 40 steps
+    python bench/process_scaling.py --model gpt_tiny --steps 30
 """
 
 from __future__ import annotations
