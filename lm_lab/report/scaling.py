@@ -81,7 +81,9 @@ def power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def approach2(points: list[Point]) -> dict[str, Any]:
     budgets = sorted({p.budget for p in points})
     per = {c: isoflop_minimum([p for p in points if p.budget == c]) for c in budgets}
-    good = [c for c in budgets if math.isfinite(per[c]["n_opt"])]
+    # Only minima inside the sizes that were run: an extrapolated one says "smaller (or larger) than
+    # every size here", not where the optimum is.
+    good = [c for c in budgets if math.isfinite(per[c]["n_opt"]) and per[c]["inside"]]
     if len(good) < 2:  # the power laws need two minima; the parabolas are still reported
         return {"budgets": per, "a": None, "k_n": None, "b": None, "k_d": None}
     a, ka = power_law(np.array(good), np.array([per[c]["n_opt"] for c in good]))
@@ -181,7 +183,7 @@ def fit_all(points: list[Point], resamples: int = 200, parametric_resamples: int
         except (ValueError, np.linalg.LinAlgError):
             dropped2 += 1
             continue
-        if fit["a"] is None or any(not math.isfinite(v["n_opt"]) for v in fit["budgets"].values()):
+        if fit["a"] is None:
             dropped2 += 1
             continue
         samples2["a"].append(fit["a"])
@@ -199,7 +201,7 @@ def fit_all(points: list[Point], resamples: int = 200, parametric_resamples: int
     return {
         "runs": len(points),
         "approach2": {
-            # None: fewer than 2 budgets have a minimum (each parabola opens downwards: loss still falls with N)
+            # None: fewer than 2 budgets have a minimum inside the sizes run
             "a": {"value": a2["a"], "ci95": ci(samples2["a"])} if a2["a"] is not None else None,
             "b": {"value": a2["b"], "ci95": ci(samples2["b"])} if a2["b"] is not None else None,
             "k_n": a2["k_n"],
@@ -273,7 +275,7 @@ def _markdown(fit: dict[str, Any], metric: str, thin: list[float]) -> str:
     ]
     for b in a2["budgets"]:
         lines.append(
-            f"| {b['C']:.3g} | {b['sizes']} | {b['n_opt']:,.0f} | {b['d_opt']:,.0f} | {b['loss_opt']:.4f} | "
+            f"| {b['C']:.3g} | {b['sizes']} | {b['n_opt']:.3g} | {b['d_opt']:.3g} | {b['loss_opt']:.4f} | "
             f"{'yes' if b.get('inside') else 'no (extrapolated)'} |"
             if math.isfinite(b["n_opt"])
             else f"| {b['C']:.3g} | {b['sizes']} | no minimum (parabola opens downwards) | | | |"
@@ -281,11 +283,15 @@ def _markdown(fit: dict[str, Any], metric: str, thin: list[float]) -> str:
     boot = a2["bootstrap"]
     lines += [
         "",
-        f"Approach 2 (IsoFLOP parabolas; 95% CI: bootstrap over runs within each budget, "
-        f"{boot['kept']} of {boot['resamples']} resamples usable):",
+        "Approach 2 (IsoFLOP parabolas"
+        + (
+            f"; 95% CI: bootstrap over runs within each budget, {boot['kept']} of {boot['resamples']} resamples usable):"
+            if a2["a"]
+            else "):"
+        ),
         f"- N_opt ∝ C^a: a = {_fmt(a2['a'])} (Hoffmann et al. 2022: 0.49)"
         if a2["a"]
-        else "- no power law: fewer than 2 budgets have a loss minimum (add larger sizes or budgets)",
+        else "- no power law: fewer than 2 budgets have a loss minimum inside the sizes run (add sizes or budgets)",
         f"- D_opt ∝ C^b: b = {_fmt(a2['b'])} (Hoffmann et al. 2022: 0.51)" if a2["b"] else "",
         "",
         f"Approach 3 (L(N, D) = E + A/N^alpha + B/D^beta, Huber delta={HUBER_DELTA} on log-loss, L-BFGS; "
@@ -313,19 +319,19 @@ def _plots(points: list[Point], fit: dict[str, Any], out: Path) -> None:
         ax.scatter([n for n, _ in pts], [y for _, y in pts], color=color, label=f"C = {b['C']:.2g}")
         x = np.linspace(math.log(pts[0][0]) - 0.3, math.log(pts[-1][0]) + 0.3, 100)
         ax.plot(np.exp(x), b["c2"] * x**2 + b["c1"] * x + b["c0"], color=color, alpha=0.6)
-        if math.isfinite(b["n_opt"]):
+        if math.isfinite(b["n_opt"]) and b.get("inside"):  # an extrapolated minimum is not drawn
             ax.scatter([b["n_opt"]], [b["loss_opt"]], color=color, marker="*", s=150, edgecolor="k")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("final validation loss")
-    ax.set_title("IsoFLOP curves (star: fitted minimum)")
+    ax.set_title("IsoFLOP curves (star: the fitted minimum, when inside the sizes run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "isoflops.png", dpi=110)
     plt.close(fig)
 
-    good = [b for b in budgets if math.isfinite(b["n_opt"])]
+    good = [b for b in budgets if math.isfinite(b["n_opt"]) and b["inside"]]
     if fit["approach2"]["a"] is None:
         return
     c = np.array([b["C"] for b in good])
