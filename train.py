@@ -260,6 +260,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         remove_partial_checkpoints(output_dir / "checkpoints")
         save_hf(tokenizer, output_dir / "tokenizer")
         resolved = _plain(cfg)
+        if plan is not None:  # the config's model shape and trainer.max_steps are the plan's inputs, not its outcome
+            resolved["scaling_plan"] = plan.record()
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
         flops = getattr(task, "flops_per_token", None)
