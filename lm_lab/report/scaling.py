@@ -8,7 +8,7 @@
   LSE(a - alpha ln N, b - beta ln D, e) with A = e^a, B = e^b, E = e^e, with L-BFGS. The paper
   starts L-BFGS from every point of a grid (alpha, beta in 0..2 step 0.5, e in -1..1 step 0.5,
   a, b in 0..25 step 5: 4,500 starts); here the objective is evaluated on that whole grid and
-  L-BFGS starts from its 10 best points (4,500 L-BFGS runs would take minutes).
+  L-BFGS starts from its 10 best points only (one L-BFGS run per start, not 4,500).
 * Confidence intervals: 95% percentile bootstrap over runs. For approach 2 the runs of each budget
   are resampled with replacement (resamples with fewer than 3 distinct sizes in a budget, or
   with a parabola that opens downwards, are dropped and counted); for approach 3 all runs are
