@@ -54,23 +54,30 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     process, and a run left open would be reused by the next job.
     """
     from lm_lab.training.loggers import finish_loggers
-    from lm_lab.training.rundir import run_dir_lock
+    from lm_lab.training.rundir import is_launching_process, run_dir_lock
+    from lm_lab.training.status import end_attempt
 
     output_dir = Path(cfg.paths.output_dir)
     started: list[Any] = []  # the loggers, once made
     with run_dir_lock(output_dir):
         try:
             result = _train(cfg, output_dir, started)
-        except BaseException:
+        except BaseException as e:
             finish_loggers(started, failed=True)
+            if is_launching_process():  # status.json: see lm_lab/training/status.py
+                stopped = isinstance(e, KeyboardInterrupt)
+                end_attempt(output_dir, "interrupted" if stopped else "failed", f"{type(e).__name__}: {e}")
             raise
         finish_loggers(started, failed=False)
+        if is_launching_process():
+            end_attempt(output_dir, "interrupted" if result[1].get("preempted") else "finished")
         return result
 
 
 def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[str, float], dict[str, Any]]:
     import dataclasses
     import functools
+    import json
 
     from lm_lab.data.hub import check_hub_sources
     from lm_lab.schema import ConfigError
@@ -90,6 +97,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.callbacks.validation import FinalValidation
     from lm_lab.data.tokenizer import save_hf
     from lm_lab.errors import CheckpointError
+    from lm_lab.scaling import PLAN_NAME
     from lm_lab.training.checkpoints import (
         check_init_from,
         check_resume,
@@ -104,6 +112,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
     from lm_lab.training.sharding import checkpoint_activations, is_sharded_checkpoint
+    from lm_lab.training.status import start_attempt
     from lm_lab.training.sweeps import active_trial, clear_finished, write_finished
 
     # 1. Typed configs: wrong keys, types and ranges fail here, before anything heavy. The network
@@ -137,7 +146,6 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         )
     _check_budget(cfg.trainer)
     _check_seed(cfg.get("seed"))
-    _check_warmup(sched_cfg, cfg.trainer.get("max_steps"))
     allow_data_change = cfg.get("allow_data_change", False)
     if not isinstance(allow_data_change, bool):
         raise ConfigError(f"allow_data_change={allow_data_change!r} must be true or false")
@@ -150,6 +158,24 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     sharded = OmegaConf.is_dict(strategy) and str(strategy.get("_target_", "")).endswith(
         ("ShardedStrategy", "ModelParallelStrategy")
     )
+    # An IsoFLOP run (experiment=scaling_*): scaling.size sets the network's shape, scaling.budget the
+    # step count and schedule (lm_lab/scaling.py); N counts the embeddings, so the vocabulary comes first.
+    plan = None
+    if cfg.get("scaling"):
+        from lm_lab.scaling import plan_run
+
+        scaling_cfg = _build(cfg.scaling, "scaling")  # a bad scaling.size fails before the tokenizer is made
+        if model_cfg.vocab_size is None:
+            if ckpt_path is not None:
+                tok = tokenizer_from_checkpoint(ckpt_path)
+            else:
+                make_dm().connect(network_kind=registry.network_of(model_cfg).kind)
+                tok = make_dm().tokenizer
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.get_vocab_size())
+        plan = plan_run(scaling_cfg, model_cfg, sched_cfg, data_cfg.batch_size * data_cfg.block_size)
+        model_cfg, sched_cfg = plan.model_cfg, plan.scheduler
+    max_steps = plan.max_steps if plan else cfg.trainer.get("max_steps")
+    _check_warmup(sched_cfg, max_steps)
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
         if is_sharded_checkpoint(ckpt_path) and not sharded:
             raise CheckpointError(
@@ -202,7 +228,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     # trainer.val_check_interval counts optimizer steps, as max_steps does (Lightning counts
     # micro-batches): validation then falls on step boundaries on any number of devices.
-    interval = cfg.trainer.get("val_check_interval")
+    interval = plan.val_check_interval if plan else cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
     check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
@@ -216,6 +242,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         enable_progress_bar=show_bar,
         accumulate_grad_batches=accum,
         val_check_interval=interval,
+        **({"max_steps": max_steps} if plan else {}),
     )
     on_cuda = type(trainer.accelerator).__name__ == "CUDAAccelerator"
     set_matmul_precision(cfg.get("matmul_precision", "high"), on_cuda=on_cuda)
@@ -256,9 +283,14 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         output_dir.mkdir(parents=True, exist_ok=True)
         write_hydra_record(cfg, output_dir)  # only now: a refused launch leaves an existing run's record alone
         clear_finished(output_dir)  # a run resumed or extended in its directory is not finished until it ends
+        start_attempt(output_dir, resumed_from=ckpt_path)
+        if plan is not None:
+            (output_dir / PLAN_NAME).write_text(json.dumps(plan.record(), indent=1) + "\n", encoding="utf-8")
         remove_partial_checkpoints(output_dir / "checkpoints")
         save_hf(tokenizer, output_dir / "tokenizer")
         resolved = _plain(cfg)
+        if plan is not None:  # the config's model shape and trainer.max_steps are the plan's inputs, not its outcome
+            resolved["scaling_plan"] = plan.record()
         for lg in trainer.loggers:
             lg.log_hyperparams(resolved)
         if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):  # W&B only when it is used

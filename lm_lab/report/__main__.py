@@ -1,0 +1,3 @@
+from lm_lab.report.cli import main
+
+main()
