@@ -46,6 +46,7 @@ def test_bert_flops_per_token_by_hand() -> None:
     assert no_pair.estimate_flops_per_token(16, 0.25, 1 / 16) == 6 * (2 * 9216 + 1056)
 
 
+@pytest.mark.slow
 def test_metrics_in_csv_and_console_line(compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A real tiny run: every window's tokens/s, FLOP/s, MFU (against the configured CPU peak) and peak
     memory reach the CSV log; FLOPs per token use the training block size (32), not model.max_seq_len

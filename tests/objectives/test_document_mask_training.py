@@ -18,6 +18,7 @@ DOCS = [f"data.data_files={SHAKESPEARE}", "data.path=text", "data.tokenizer=char
 MASKED = ["model.document_mask=true", "model.document_positions=true"]
 
 
+@pytest.mark.slow
 def test_document_masked_run_and_resume_check(compose_cfg, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     metrics, objects = train(compose_cfg(*TINY, *DOCS, *MASKED, "trainer.max_steps=4", run_dir=run_dir))

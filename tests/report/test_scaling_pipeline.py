@@ -33,6 +33,7 @@ def _run(args: list[str], cwd: Path, cache: Path, module: str | None = None) -> 
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_scaling_size_must_name_a_shape(tmp_path: Path, shared_cache: Path) -> None:
     r = _run([*GRID[:4], "scaling.size=huge", "scaling.budget=2e8", "hydra.mode=RUN"], tmp_path, shared_cache)
     assert r.returncode == 2

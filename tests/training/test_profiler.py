@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SHAKESPEARE, TINY
 from train import train
 
 
+@pytest.mark.slow
 def test_debug_profiler_writes_its_report_in_the_run_directory(compose_cfg, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shakes = [f"data.data_files={SHAKESPEARE}", "data.path=text", "data.tokenizer=char"]

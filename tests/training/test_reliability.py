@@ -393,8 +393,10 @@ def test_killed_tokenization_leaves_no_trusted_cache_and_is_rebuilt(tmp_path: Pa
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    entries = list((cache_dir / "tokens").iterdir())
-    assert entries and all(".tmp-" in p.name for p in entries)  # only the temporary build, never trusted
+    # Only the temporary build is left, never a trusted entry (and the build's lock file, which a
+    # later build takes over: lm_lab/data/cache.py).
+    entries = [p for p in (cache_dir / "tokens").iterdir() if not p.name.endswith(".build.lock")]
+    assert entries and all(".tmp-" in p.name for p in entries)
     # The next run's data preparation rebuilds it.
     dm = CausalLMDataModule(
         DataConfig(
