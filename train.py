@@ -108,7 +108,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
     from lm_lab.training.plan import planned_on_gpu, planned_world_size
-    from lm_lab.training.precision import check_precision, set_matmul_precision
+    from lm_lab.training.precision import check_precision, resolve_precision, set_matmul_precision
     from lm_lab.training.pretrained import load_into, read_source
     from lm_lab.training.rundir import write_hydra_record
     from lm_lab.training.sharding import checkpoint_activations, is_sharded_checkpoint
@@ -231,7 +231,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = plan.val_check_interval if plan else cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
-    check_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
+    precision = resolve_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer))
+    check_precision(precision, on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,
@@ -242,6 +243,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         enable_progress_bar=show_bar,
         accumulate_grad_batches=accum,
         val_check_interval=interval,
+        precision=precision,
         **({"max_steps": max_steps} if plan else {}),
     )
     on_cuda = type(trainer.accelerator).__name__ == "CUDAAccelerator"

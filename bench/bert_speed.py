@@ -8,13 +8,20 @@ length distribution, 15% masking), same architecture, same AdamW; tokens/s count
 tokens. lm_lab: SDPA attention, MLM head only at masked positions, batches padded to their longest
 pair. transformers: its default attention, every batch padded to the block size (as a fixed-shape
 pipeline does), MLM head over all positions. Rows 2-3 switch lm_lab's two savings off one at a time.
+The ``bf16-mixed`` rows run the forward pass and loss under ``torch.autocast("cpu", torch.bfloat16)``
+(Lightning's ``trainer.precision=bf16-mixed``; fp32 weights and optimizer), for lm_lab and for
+transformers alike; lm_lab then attends in fp32 on CPU (``lm_lab.models.layers.sdpa``), transformers
+in bf16. Ratios are against transformers in fp32 (its default) and, for the bf16 row, also against
+transformers under the same autocast. bf16 needs a CPU with AVX512-BF16 or AMX to be fast
+(``--precision fp32`` leaves those rows out).
 Reported: the median over ``repeats`` timings of ``steps`` steps; the implementations take turns
-step by step, so that load changes hit all of them alike. Quote CPU numbers in fp32 (bf16 is slow on CPUs without AMX).
+step by step, so that load changes hit all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
@@ -67,25 +74,34 @@ def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tenso
     return out
 
 
+def autocast(bf16: bool) -> Any:
+    """The forward pass and loss under bf16 autocast (as Lightning's ``bf16-mixed``), or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 class Ours:
-    def __init__(self, cfg: Any, masked_head: bool, dynamic: bool, block: int) -> None:
+    def __init__(self, cfg: Any, masked_head: bool, dynamic: bool, block: int, bf16: bool = False) -> None:
         from lm_lab.models.bert import BertForPreTraining as BertModel
 
         self.model, self.masked_head, self.dynamic, self.block = BertModel(cfg).train(), masked_head, dynamic, block
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.bf16 = bf16
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         b = batch if self.dynamic else pad_to(batch, self.block)
         labels = b["labels"]
         positions = labels != -100
-        out = self.model(
-            b["input_ids"],
-            b["token_type_ids"],
-            b["attention_mask"],
-            mlm_positions=positions if self.masked_head else None,
-        )
-        logits = out.mlm_logits if self.masked_head else out.mlm_logits[positions]
-        loss = F.cross_entropy(logits, labels[positions]) + F.cross_entropy(out.nsp_logits, b["next_sentence_label"])
+        with autocast(self.bf16):
+            out = self.model(
+                b["input_ids"],
+                b["token_type_ids"],
+                b["attention_mask"],
+                mlm_positions=positions if self.masked_head else None,
+            )
+            logits = out.mlm_logits if self.masked_head else out.mlm_logits[positions]
+            loss = F.cross_entropy(logits.float(), labels[positions]) + F.cross_entropy(
+                out.nsp_logits.float(), b["next_sentence_label"]
+            )
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -93,7 +109,7 @@ class Ours:
 
 
 class HF:
-    def __init__(self, cfg: Any, block: int) -> None:
+    def __init__(self, cfg: Any, block: int, bf16: bool = False) -> None:
         import transformers
 
         from lm_lab.models.bert.hf import hf_config_dict
@@ -102,17 +118,18 @@ class HF:
         self.model = transformers.BertForPreTraining(transformers.BertConfig(**kwargs)).train()
         self.attn = self.model.config._attn_implementation
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.block = block
+        self.block, self.bf16 = block, bf16
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         b = pad_to(batch, self.block)
-        out = self.model(
-            input_ids=b["input_ids"],
-            token_type_ids=b["token_type_ids"],
-            attention_mask=b["attention_mask"],
-            labels=b["labels"],
-            next_sentence_label=b["next_sentence_label"],
-        )
+        with autocast(self.bf16):
+            out = self.model(
+                input_ids=b["input_ids"],
+                token_type_ids=b["token_type_ids"],
+                attention_mask=b["attention_mask"],
+                labels=b["labels"],
+                next_sentence_label=b["next_sentence_label"],
+            )
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="training steps per timing")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=["both", "fp32"], default="both", help="fp32: leave the bf16-mixed rows out")
     args = p.parse_args(argv)
     load0 = os.getloadavg()[0]  # before our own work
     logging.basicConfig(level=logging.WARNING)
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     batches, tok = real_batches(args)
     model_yaml = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")
+    model_yaml.pop("defaults", None)  # the preset's objective choice is for Hydra's composition, not the config
     cfg = hydra.utils.instantiate(model_yaml, vocab_size=tok.get_vocab_size())
     torch.manual_seed(0)
     impls = {
@@ -154,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         "lm_lab, full MLM head": Ours(cfg, False, True, args.block),
         "lm_lab, padded to block": Ours(cfg, True, False, args.block),
     }
+    bf16 = args.precision == "both"
+    if bf16:
+        impls["lm_lab, bf16-mixed (attention in fp32)"] = Ours(cfg, True, True, args.block, bf16=True)
     hf = HF(cfg, args.block)
-    impls[f"transformers BertForPreTraining ({hf.attn}, padded, full head)"] = hf
+    if bf16:
+        impls[f"transformers, bf16-mixed ({hf.attn}, padded, full head)"] = HF(cfg, args.block, bf16=True)
+    hf_name = f"transformers BertForPreTraining ({hf.attn}, padded, full head)"
+    impls[hf_name] = hf
     for impl in impls.values():  # warm-up (allocator, kernels)
         for batch in batches[:2]:
             timed_step(impl, batch)
@@ -178,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model} (L={cfg.n_layer}, H={cfg.n_embd}, A={cfg.n_head}), vocab {cfg.vocab_size}, batch {args.batch} "
         f"x block {args.block}, corpus {args.corpus}: {real_tokens / len(batches) / args.batch:.1f} real tokens per "
         f"sequence, dynamic padding to {mean_len:.1f} on average; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32; median of {args.repeats} x {args.steps} steps"
+        f"{torch.get_num_threads()} threads; median of {args.repeats} x {args.steps} steps"
     )
     print(
         f"CPU time / wall time while timing: {busy:.2f} (of {torch.get_num_threads()} threads; "
@@ -188,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "warning: the threads did not get the CPUs to themselves: other jobs are running, rerun on an idle machine"
         )
-    base = statistics.median(times[next(reversed(impls))])
+    base = statistics.median(times[hf_name])
+    hf_bf16 = next((statistics.median(v) for k, v in times.items() if k.startswith("transformers, bf16")), None)
     width = max(map(len, impls))
-    print(f"| {'implementation':<{width}} | ms/step | tokens/s | vs transformers |")
-    print(f"|{'-' * (width + 2)}|--------:|---------:|----------------:|")
+    print(f"| {'implementation':<{width}} | ms/step | tokens/s | vs transformers fp32 | vs transformers bf16-mixed |")
+    print(f"|{'-' * (width + 2)}|--------:|---------:|---------------------:|---------------------------:|")
     for name in impls:
         t = statistics.median(times[name])
-        print(f"| {name:<{width}} | {1000 * t / len(batches):7.1f} | {real_tokens / t:8.0f} | {base / t:14.2f}x |")
+        same = f"{hf_bf16 / t:.2f}x" if hf_bf16 is not None and "bf16" in name else ""
+        print(
+            f"| {name:<{width}} | {1000 * t / len(batches):7.1f} | {real_tokens / t:8.0f} | {base / t:19.2f}x "
+            f"| {same:>26} |"
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 """nanoGPT's CPU Tiny Shakespeare recipe: lm_lab's whole run vs a plain PyTorch loop.
 
-    python bench/shakespeare_char.py [--repeats 3] [--llama] [--compiled] [--data ../shared/data/tinyshakespeare/input.txt]
+    python bench/shakespeare_char.py [--repeats 3] [--fp32] [--llama] [--compiled] [--data ../shared/data/tinyshakespeare/input.txt]
 
 Both sides train the same recipe (4 layers, 4 heads, 128 dims, block 64, batch 12, 2,000 steps,
 lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0,
@@ -8,6 +8,10 @@ no dropout, no bias; 20 validation batches every 250 steps):
 
 - ``lm_lab``: ``python train.py experiment=nanogpt_shakespeare_char_cpu`` as a user runs it (a
   fresh process: imports, data loading, tokenizer, Lightning, validation, checkpoints, CSV log).
+  The recipe has ``trainer.precision=auto``: ``bf16-mixed`` on CPUs with AVX512-BF16/AMX (attention
+  kept in fp32 on CPU), ``32-true`` elsewhere.
+- ``lm_lab, 32-true`` (only with ``--fp32``): the same with ``trainer.precision=32-true``, the
+  plain loop's arithmetic.
 - ``plain loop``: nanoGPT's ``train.py`` algorithm written out in plain PyTorch in a fresh process
   (random windows, ``estimate_loss`` on train and val every 250 steps), same network class.
 - ``lm_lab, ... compile=true`` (only with ``--compiled``): the first row plus ``compile=true
@@ -115,6 +119,10 @@ def run_lm_lab_llama(data: Path, workdir: Path) -> tuple[float, float]:
     return run_lm_lab(data, workdir, "nanogpt_shakespeare_char_cpu_llama")
 
 
+def run_lm_lab_fp32(data: Path, workdir: Path) -> tuple[float, float]:
+    return run_lm_lab(data, workdir, extra=("trainer.precision=32-true",))
+
+
 def run_lm_lab_compiled(data: Path, workdir: Path) -> tuple[float, float]:
     return run_lm_lab(data, workdir, extra=("compile=true", "optimizer.fused=true"))
 
@@ -130,7 +138,8 @@ def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
     return wall, float(out.split("VAL")[-1])
 
 
-GPT_ROW = "lm_lab, GPT-2 blocks"
+GPT_ROW = "lm_lab, GPT-2 blocks (the recipe: precision auto)"
+FP32_ROW = "lm_lab, GPT-2 blocks, trainer.precision=32-true"
 PLAIN_ROW = "plain loop, GPT-2 blocks (baseline)"
 LLAMA_ROW = "lm_lab, Llama blocks"
 COMPILED_ROW = "lm_lab, GPT-2 blocks, compile=true optimizer.fused=true"
@@ -141,11 +150,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--llama", action="store_true", help="also run the recipe with Llama blocks (a third row)")
+    p.add_argument("--fp32", action="store_true", help="also run lm_lab with trainer.precision=32-true (a row)")
     p.add_argument(
         "--compiled", action="store_true", help="also run lm_lab with compile=true optimizer.fused=true (a row)"
     )
     args = p.parse_args()
     runs = [(GPT_ROW, run_lm_lab), (PLAIN_ROW, run_plain)]
+    if args.fp32:
+        runs.append((FP32_ROW, run_lm_lab_fp32))
     if args.compiled:
         runs.append((COMPILED_ROW, run_lm_lab_compiled))
     if args.llama:

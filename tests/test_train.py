@@ -100,6 +100,8 @@ def test_resume_continues_from_checkpoint(trained: dict, compose_cfg, tmp_path: 
 def test_every_preset_and_experiment_composes_and_instantiates(compose_cfg) -> None:
     import hydra
 
+    from lm_lab.training.precision import resolve_precision
+
     conf = REPO / "conf"
     combos = [[f"model={p.stem}"] for p in sorted((conf / "model").glob("*.yaml"))]
     combos += [
@@ -123,7 +125,9 @@ def test_every_preset_and_experiment_composes_and_instantiates(compose_cfg) -> N
                 if node is not None and "wandb" not in node._target_:
                     hydra.utils.instantiate(node, _convert_="all")
         if cfg.trainer.accelerator in ("cpu", "auto") and cfg.trainer.get("strategy") == "auto":
-            hydra.utils.instantiate(cfg.trainer, _convert_="all")
+            # As train() builds it: lm_lab's precision=auto is resolved first (Lightning has no "auto").
+            precision = resolve_precision(cfg.trainer.get("precision"), on_gpu=False)
+            hydra.utils.instantiate(cfg.trainer, _convert_="all", precision=precision)
 
 
 def test_streaming_corpus_trains_end_to_end(compose_cfg, tmp_path: Path) -> None:

@@ -41,7 +41,25 @@ def attention(
     attended to (padding keys are False). SDPA picks the fused kernel (flash / memory-efficient
     on GPU, the fused CPU kernel here).
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; on CPU, bf16/fp16 inputs are attended in fp32.
+
+    PyTorch's fused CPU attention kernel is slower in bf16 than in fp32 (its backward 2-5x at
+    these models' shapes: ``bench/cpu_levers.py``), which undid most of what CPU mixed precision
+    gains in the matmuls (bf16 matmuls run ~2x fp32's rate on AVX512-BF16 CPUs). So under
+    ``bf16-mixed`` on CPU the attention runs in fp32 (autocast off inside) and its output is cast
+    back; the rest of the network keeps bf16 matmuls. Elsewhere (GPUs, fp32) SDPA is called as is.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.is_floating_point():
+            kwargs["attn_mask"] = mask.float()
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 # ------------------------------------------------------------------ documents in packed blocks
@@ -124,12 +142,12 @@ def causal_attention(
     FlexAttention, which has no attention dropout (``use_flex`` keeps such runs on SDPA).
     """
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=enable_gqa)
+        return sdpa(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=enable_gqa)
     if isinstance(mask, BlockMask):
         if dropout:
             raise ValueError("FlexAttention has no attention dropout: build a boolean mask (flex=False) instead")
         return _flex(q, k, v, mask, enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=enable_gqa)
+    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=enable_gqa)
 
 
 ACTIVATIONS = {

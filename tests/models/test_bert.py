@@ -218,3 +218,34 @@ def test_overfits_one_masked_batch() -> None:
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, f"loss {loss.item():.3f} after 200 steps"
+
+
+def test_unpadded_encoder_equals_the_padded_one_at_real_tokens() -> None:
+    """The encoder runs a padded batch on its real tokens alone (``Unpadded``): the hidden states of
+    the real tokens and every gradient equal the padded computation's; padding comes back as zeros."""
+    from lm_lab.models.bert.model import Unpadded
+
+    cfg = tiny_config(dropout=0.0, attn_dropout=0.0)  # training mode, without random masks to compare
+    model = BertModel(cfg).train()
+    perturb_(model)
+    batch = padded_batch(cfg, lengths=(16, 11, 5))
+    real = batch["attention_mask"].bool()
+    unpadded = Unpadded.of(batch["attention_mask"])
+    assert unpadded is not None and unpadded.index.numel() == int(real.sum()) == 32
+    assert Unpadded.of(torch.ones(2, 7, dtype=torch.long)) is None  # nothing to leave out
+    bert = model.bert
+    mask = real[:, None, None, :]
+    results = []
+    for how in (unpadded, None):
+        bert.zero_grad(set_to_none=True)
+        x = bert.embeddings(batch["input_ids"], batch["token_type_ids"])
+        h = bert.encoder(x, mask, how)
+        (h[real] ** 2).sum().backward()  # a loss on the real tokens only, as every head's
+        grads = {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
+        results.append((h.detach(), grads))
+    (h_unpad, g_unpad), (h_pad, g_pad) = results
+    torch.testing.assert_close(h_unpad[real], h_pad[real], atol=1e-5, rtol=1e-5)
+    assert h_unpad[~real].abs().max() == 0
+    assert g_unpad.keys() == g_pad.keys() and len(g_pad) > 10
+    for name in g_pad:
+        torch.testing.assert_close(g_unpad[name], g_pad[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -100,3 +100,67 @@ def test_decoders_attention_runs_on_the_flash_kernel_alone(name: str) -> None:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash = net(ids)
     torch.testing.assert_close(flash, default, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_bf16_attention_is_computed_in_fp32() -> None:
+    """Under CPU autocast the decoders' and BERT's attention get bf16 q/k/v; ``sdpa`` attends them in
+    fp32 (PyTorch's CPU kernel is 2-5x slower in bf16) and returns bf16: the same numbers as fp32 SDPA
+    on the bf16 inputs, for the causal, boolean-mask and padding-mask paths."""
+    import torch
+    import torch.nn.functional as F
+
+    from lm_lab.models.layers import attention, causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16() for _ in range(3))
+    keep = torch.rand(2, 1, 1, 16, generator=g) > 0.3
+    keep[..., 0] = True
+    cases = {
+        "causal": (lambda: causal_attention(q, k, v), dict(is_causal=True)),
+        "mask": (lambda: attention(q, k, v, mask=keep), dict(attn_mask=keep)),
+    }
+    for name, (call, kwargs) in cases.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).bfloat16()
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+        # bf16 SDPA itself rounds its intermediates: further from the fp32 result than ours.
+        bf16_kernel = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+        assert (got.float() - exact).abs().max() <= (bf16_kernel.float() - exact).abs().max(), name
+
+
+def test_auto_precision_follows_the_hardware(tmp_path: Path) -> None:
+    from lm_lab.training import precision as prec
+
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert prec.cpu_has_native_bf16(str(zen4)) and prec.cpu_has_native_bf16(str(arm))
+    assert not prec.cpu_has_native_bf16(str(old))
+    assert not prec.cpu_has_native_bf16(str(tmp_path / "missing"))
+    # Values other than auto pass through untouched; auto on this machine's CPU follows /proc/cpuinfo.
+    assert prec.resolve_precision("32-true", on_gpu=False) == "32-true"
+    assert prec.resolve_precision("bf16-true", on_gpu=False) == "bf16-true"
+    want = "bf16-mixed" if prec.cpu_has_native_bf16() else "32-true"
+    assert prec.resolve_precision("auto", on_gpu=False) == want
+
+
+def test_auto_precision_reaches_the_trainer(compose_cfg, tmp_path: Path, caplog) -> None:
+    import logging
+
+    from lm_lab.training.precision import cpu_has_native_bf16
+
+    caplog.set_level(logging.INFO)
+    cfg = compose_cfg(*BASE, *MODELS["gpt_tiny"], "trainer.precision=auto", run_dir=tmp_path / "run")
+    train(cfg)
+    want = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    assert f"trainer.precision=auto: {want}" in caplog.text
+    lightning_says = "Using bfloat16 Automatic Mixed Precision" in caplog.text
+    assert lightning_says == (want == "bf16-mixed")
+    by_step, _ = step_losses(tmp_path / "run")
+    assert len(by_step) == STEPS and all(math.isfinite(v) for v in by_step.values())
