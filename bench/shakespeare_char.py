@@ -11,9 +11,9 @@ no dropout, no bias; 20 validation batches every 250 steps):
 - ``plain loop``: nanoGPT's ``train.py`` algorithm written out in plain PyTorch in a fresh process
   (random windows, ``estimate_loss`` on train and val every 250 steps), same network class. Its
   validation loss in the table is its final weights' on the whole validation split (every 64-token
-  block), as the recipe's ``final_val_batches: 1.0`` reports lm_lab's: nanoGPT's own figure, 20
-  batches of 12 random windows, is within about +-0.03 of that (one sample's error, measured in
-  docs/benchmarks.md), too loose to compare two runs by.
+  block), as the recipe's ``final_val_batches: 1.0`` reports lm_lab's. nanoGPT's own figure, 20
+  batches of 12 random windows (printed as ESTIMATE), has a sampling error of 0.015 (1 s.d.): seed
+  1337's 1.8837 is 1.9104 on the whole split (docs/benchmarks.md), too loose to compare two runs by.
 - ``lm_lab, ... compile=true`` (only with ``--compiled``): the first row plus ``compile=true
   optimizer.fused=true`` (compilation included in the wall time, from a cold Inductor cache as in
   a user's first run).
