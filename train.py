@@ -219,7 +219,9 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
             sys.modules["datasets"].disable_progress_bars()
         else:  # read when datasets is imported: a run on a cached corpus may never import it
             os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    final_validation = FinalValidation() if cfg.get("final_validation", True) else None
+    final_validation = (
+        FinalValidation(limit_batches=cfg.get("final_val_batches")) if cfg.get("final_validation", True) else None
+    )
     if final_validation is not None:
         callbacks.append(final_validation)
     loggers = guard_loggers([_build(lg, "logger") for lg in cfg.get("logger", {}).values() if lg is not None])
@@ -329,9 +331,10 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
             )
         return metrics, {"trainer": trainer, "task": task, "datamodule": dm, "cfg": cfg, "preempted": True}
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    if final_validation is not None and final_validation.last_val_step != trainer.global_step:
+    if final_validation is not None and final_validation.needs_validation(trainer):
         # Fit ended without validating its final weights (an epoch budget; max_steps runs validate
         # them inside fit, see FinalValidation): the reported and returned metrics are these.
+        final_validation.widen(trainer)
         for results in trainer.validate(task, datamodule=dm, verbose=False):
             metrics.update({k: float(v) for k, v in results.items()})
     if dm.has_test():

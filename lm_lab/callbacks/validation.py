@@ -1,10 +1,12 @@
-"""Validate the final weights inside ``fit`` when the run ends between two validations."""
+"""Validate the final weights inside ``fit`` when the run ends between two validations, optionally on
+more of the validation split than the validations during training."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.setup import _determine_batch_limits
 
 
 class FinalValidation(L.Callback):
@@ -14,20 +16,53 @@ class FinalValidation(L.Callback):
     inside ``fit``: its metrics are logged at the final step, the best checkpoint is chosen with it
     and ``callback_metrics`` (what train.py reports and returns to sweepers) holds it.
 
-    ``last_val_step`` is the step of the latest validation, so that ``train()`` can still validate
-    after ``fit`` a run that ended otherwise (an epoch budget).
+    ``limit_batches`` (config ``final_val_batches``; Lightning's convention: an int is a number of
+    batches, a float a fraction of the split, 1.0 all of it) makes that validation of the final
+    weights cover more of the split than ``trainer.limit_val_batches``, which every in-training
+    validation keeps. With a small ``limit_val_batches`` the in-training validations score the same
+    few blocks each time (``EvalSampler``'s fixed order): cheap and comparable along the curve, but
+    the whole run's reported loss is then that one sample's, off the split's loss by its sampling
+    error (nanoGPT's CPU recipe: 240 blocks, about 0.02 nats). ``None``: the same batches as the others.
+
+    ``last_val_step`` is the step of the latest validation (``final_step`` that of one with
+    ``limit_batches``), so that ``train()`` can still validate after ``fit`` a run that ended
+    otherwise (an epoch budget, a stop by another callback): ``needs_validation``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit_batches: int | float | None = None) -> None:
+        if limit_batches is not None:
+            limit_batches = _determine_batch_limits(limit_batches, "final_val_batches")
+        self.limit_batches = limit_batches
         self.last_val_step: int | None = None
+        self.final_step: int | None = None  # step of the latest validation run with limit_batches
+
+    def widen(self, trainer: L.Trainer) -> None:
+        """Make the next validation (the final weights') cover ``limit_batches``."""
+        if self.limit_batches is None or trainer.limit_val_batches == self.limit_batches:
+            return
+        trainer.limit_val_batches = self.limit_batches
+        # In fit, Lightning counts the validation batches once, when it first loads the validation
+        # data; dropping the loader makes the next validation reload it (cheap: a sampler over the
+        # split) and count the batches again under the new limit.
+        trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
+
+    def needs_validation(self, trainer: L.Trainer) -> bool:
+        """Whether the final weights are still to be validated (as asked) after ``fit``."""
+        if self.last_val_step != trainer.global_step:
+            return True
+        return self.limit_batches is not None and self.final_step != trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.sanity_checking:
             self.last_val_step = trainer.global_step
+            if self.limit_batches is not None and trainer.limit_val_batches == self.limit_batches:
+                self.final_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.fit_loop._should_accumulate():
             return
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        if last and self.last_val_step != trainer.global_step:
-            trainer.should_stop = True  # Lightning validates at a step where a stop is requested
+        if last:
+            self.widen(trainer)
+            if self.last_val_step != trainer.global_step:
+                trainer.should_stop = True  # Lightning validates at a step where a stop is requested
