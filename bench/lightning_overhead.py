@@ -1,6 +1,6 @@
 """Lightning's per-step cost: lm_lab's training step vs a plain PyTorch loop with lm_lab's own settings.
 
-    python bench/lightning_overhead.py [--pairs 20] [--block 50] [--process-repeats 1] [--compile] [--fused]
+    python bench/lightning_overhead.py [--pairs 20] [--block 50] [--chunk 10] [--process-repeats 1] [--threads N] [--compile] [--fused]
 
 Both sides train nanoGPT's character-level CPU recipe network (4 layers, 4 heads, 128 dims, block 64,
 batch 12) on random windows of Tiny Shakespeare with the same settings: lm_lab's AdamW (decay on
@@ -8,12 +8,12 @@ matrices only, the same ``fused`` choice), its LR schedule, gradient clipping at
 
 - **paired blocks** (the row the issue's target is judged on): one ``python train.py
   experiment=nanogpt_shakespeare_char_cpu ...`` run (the real Trainer, task, DataModule, callbacks
-  and CSV logger) with one more callback, ``bench/paired_loop.py``: after a warm-up, every ``block``
-  optimizer steps it runs ``block`` steps of a plain loop (its own copy of the network, optimizer,
-  schedule and clipping, its own random windows) and times both blocks. The ratio of each pair
-  (lm_lab block / plain block, seconds apart in the same process) cancels the machine's drift,
-  which between processes reaches +-20% on this 2-core VM; the table gives the median ratio and
-  its quartiles.
+  and CSV logger) with one more callback, ``bench/paired_loop.py``: after a warm-up, every ``chunk``
+  optimizer steps it runs ``chunk`` steps of a plain loop (its own copy of the network, optimizer,
+  schedule and clipping, its own random windows) and times both sides; a pair sums ``block``
+  steps of each. The ratio of each pair (the sides alternating every second or so in the same
+  process) cancels the machine's drift, which between processes reaches +-20% on this 2-core VM;
+  the table gives the median ratio and its quartiles.
 - **process vs process** (context only): the same run without the callback against the plain loop
   in a fresh process, alternating; median of the per-run rates (the ``Throughput`` callback's
   ``tokens_per_sec`` on one side, the same 10-step windows on the other; first 50 steps skipped).
@@ -103,12 +103,13 @@ def run_train(cmd: list[str], workdir: Path) -> None:
 
 def paired_ratios(data: Path, workdir: Path, args: argparse.Namespace) -> list[tuple[float, float]]:
     """(lm_lab seconds, plain seconds) of each pair of ``args.block``-step blocks in one run."""
-    steps = SKIP + (args.pairs + 1) * args.block
+    steps = SKIP + args.pairs * args.block  # pairs close at steps SKIP + block, SKIP + 2 block, ...
     out = workdir / "pairs.json"
     cmd = train_cmd(data, workdir, steps, args.compile, args.fused) + [
         "+callbacks.paired._target_=bench.paired_loop.PairedPlainLoop",
         f"+callbacks.paired.data={data}",
         f"+callbacks.paired.block={args.block}",
+        f"+callbacks.paired.chunk={args.chunk}",
         f"+callbacks.paired.warmup={SKIP}",
         f"+callbacks.paired.out={out}",
     ]
@@ -144,12 +145,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=20, help="timed pairs of blocks in the paired run")
     p.add_argument("--block", type=int, default=50, help="optimizer steps per block (whole logging periods)")
+    p.add_argument("--chunk", type=int, default=10, help="the sides alternate every CHUNK steps within a block")
     p.add_argument("--process-repeats", type=int, default=1, help="process-vs-process runs per side (0: none)")
     p.add_argument("--steps", type=int, default=400, help="steps of each process-vs-process run")
     p.add_argument("--compile", action="store_true", help="compile the network on both sides")
     p.add_argument("--fused", action="store_true", help="fused AdamW on both sides")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = p.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in each child process
     data = args.data.resolve()
     rates: dict[str, list[float]] = {"lm_lab": [], "plain loop": []}
     with tempfile.TemporaryDirectory() as root:
@@ -166,8 +171,10 @@ def main() -> None:
     q1, med, q3 = quartiles(ratios)
     ms = 1000 / args.block
     print(
-        f"\nnanoGPT char recipe network, fp32, compile={args.compile}, fused AdamW={args.fused}; paired run: "
-        f"{len(pairs)} pairs of {args.block}-step blocks after {SKIP} warm-up steps\n"
+        f"\nnanoGPT char recipe network, fp32, compile={args.compile}, fused AdamW={args.fused}, "
+        f"threads={args.threads or 'default'}; paired run: "
+        f"{len(pairs)} pairs of {args.block}-step blocks (alternating every {args.chunk} steps) after {SKIP} "
+        "warm-up steps\n"
     )
     print("| comparison | lm_lab step time / plain loop step time | overhead per step |")
     print("| --- | ---: | ---: |")

@@ -1,5 +1,6 @@
 """A callback for ``bench/lightning_overhead.py``: inside a real lm_lab run, alternate blocks of K
-lm_lab optimizer steps with K steps of a plain PyTorch loop, and time each block.
+lm_lab optimizer steps with K steps of a plain PyTorch loop (interleaved in chunks of C steps), and
+time each side.
 
     python train.py ... +callbacks.paired._target_=bench.paired_loop.PairedPlainLoop \
         +callbacks.paired.data=input.txt +callbacks.paired.block=50
@@ -8,10 +9,11 @@ The plain loop trains its own copy of the task's network (``copy.deepcopy`` at t
 training) with lm_lab's optimizer settings (AdamW, decay on matrices only, the same ``fused``
 choice; the LambdaLR schedule of ``configure_optimizers``), the Trainer's gradient clipping
 (``clip_grad_norm_``) and its own random windows of the run's tokenized corpus (a private
-generator: the run's RNG streams are left alone). Each pair is (lm_lab block, the plain block
-right after it) a few seconds apart, so the machine's drift over tens of seconds cancels in the
-ratio. Blocks of K steps should span whole logging periods (``log_every_n_steps``, the progress
-line), so that each lm_lab block pays for the same share of them.
+generator: the run's RNG streams are left alone). After every C lm_lab steps the callback runs C
+plain steps, so the two sides alternate within a second or so and the machine's drift (other
+jobs, clock changes) falls on both; a pair sums K steps of each side. K should span whole logging
+periods (``log_every_n_steps``, the progress line), so that each lm_lab block pays for the same
+share of them.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from lm_lab.training.schedule import lr_at
 
 
 class PairedPlainLoop(L.Callback):
-    def __init__(self, data: str, block: int = 50, warmup: int = 50, out: str = "pairs.json") -> None:
-        self.text_file, self.block, self.warmup, self.out = data, block, warmup, out
+    def __init__(self, data: str, block: int = 50, chunk: int = 10, warmup: int = 50, out: str = "pairs.json") -> None:
+        if block % chunk:
+            raise ValueError(f"block={block} must be a multiple of chunk={chunk}")
+        self.text_file, self.block, self.chunk, self.warmup, self.out = data, block, chunk, warmup, out
         self.pairs: list[tuple[float, float]] = []  # (lm_lab seconds, plain seconds) per block of K steps
         self._t0: float | None = None
         self._start_step = 0
+        self._sums = [0.0, 0.0]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.net = copy.deepcopy(pl_module.net).train()
@@ -89,15 +94,19 @@ class PairedPlainLoop(L.Callback):
             return
         if self._t0 is None:
             self.plain_steps(self.warmup)  # the plain loop's own warm-up, untimed
-            self._t0, self._start_step = time.perf_counter(), step
+            self._t0, self._start_step, self._sums = time.perf_counter(), step, [0.0, 0.0]
             return
-        if step - self._start_step < self.block:
+        if (step - self._start_step) % self.chunk:
             return
-        lm_lab = time.perf_counter() - self._t0
+        # Every `chunk` lm_lab steps, `chunk` plain steps: the two sides alternate within seconds.
+        self._sums[0] += time.perf_counter() - self._t0
         t = time.perf_counter()
-        self.plain_steps(self.block)
-        self.pairs.append((lm_lab, time.perf_counter() - t))  # (lm_lab, plain) seconds
-        self._t0, self._start_step = time.perf_counter(), step
+        self.plain_steps(self.chunk)
+        self._sums[1] += time.perf_counter() - t
+        if step - self._start_step >= self.block:  # a pair: `block` steps of each side
+            self.pairs.append((self._sums[0], self._sums[1]))  # (lm_lab, plain) seconds
+            self._start_step, self._sums = step, [0.0, 0.0]
+        self._t0 = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero:
