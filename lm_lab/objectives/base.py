@@ -297,8 +297,10 @@ class LMTask(L.LightningModule):
         """Clip by norm with the total norm that ``NonFiniteGuard`` computed for this step, when it did:
         ``torch.nn.utils.clip_grads_with_norm_`` is the second half of ``clip_grad_norm_``, so the
         gradients are the same to the bit as Lightning's clipping makes them, without the second walk
-        over every gradient (~2% of a small CPU model's step). Lightning's own path otherwise: clipping
-        by value, loss scaling (``16-mixed``), sharded or DeepSpeed gradients, no guard."""
+        over every gradient (~0.7 ms a step for the nanoGPT char recipe on 2 CPU cores). A callback that
+        changed the gradients after the guard would make the norm stale; none of lm_lab's does.
+        Lightning's own path otherwise: clipping by value, loss scaling (``16-mixed``), sharded or
+        DeepSpeed gradients, no guard."""
         norm, self.step_grad_norm = self.step_grad_norm, None
         if norm is None or not gradient_clip_val or not self._plain_norm_clipping(optimizer, gradient_clip_algorithm):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
