@@ -129,6 +129,9 @@ class LMTask(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self._train_means = WeightedMeans()  # this optimizer step's micro-batches so far
         self.step_metrics: dict[str, Any] = {}  # the last optimizer step's train metrics (see on_before_optimizer_step)
+        # This step's total gradient norm when callbacks.nonfinite computed it (plain tensors only):
+        # gradient clipping then uses it instead of computing it a second time.
+        self.step_grad_norm: torch.Tensor | None = None
         self._val_means: dict[str, Any] = {}
         self._eval_torchmetrics: dict[str, Any] = {}
         self.net = self.build_net()
@@ -287,6 +290,40 @@ class LMTask(L.LightningModule):
         # messages do: this is step global_step + 1 (Lightning would log it at global_step, and a
         # validation after step N at N - 1).
         self.log("step", float(self.trainer.global_step + 1), on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        """Clip by norm with the total norm that ``NonFiniteGuard`` computed for this step, when it did:
+        ``torch.nn.utils.clip_grads_with_norm_`` is the second half of ``clip_grad_norm_``, so the
+        gradients are the same to the bit as Lightning's clipping makes them, without the second walk
+        over every gradient (~0.7 ms a step for the nanoGPT char recipe on 2 CPU cores). A callback that
+        changed the gradients after the guard would make the norm stale; none of lm_lab's does.
+        Lightning's own path otherwise: clipping by value, loss scaling (``16-mixed``), sharded or
+        DeepSpeed gradients, no guard."""
+        norm, self.step_grad_norm = self.step_grad_norm, None
+        if norm is None or not gradient_clip_val or not self._plain_norm_clipping(optimizer, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+
+    def _plain_norm_clipping(self, optimizer: Any, algorithm: Any) -> bool:
+        """Whether Lightning would clip by ``clip_grad_norm_`` over the optimizer's parameters as they are:
+        by norm, with the plain precision plugin or autocast without a scaler (and an optimizer it accepts
+        there: Lightning refuses a fused one under autocast)."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+        if algorithm not in (None, "norm"):  # GradClipAlgorithmType is a str enum
+            return False
+        plugin = self.trainer.precision_plugin
+        if type(plugin) is Precision:
+            return True
+        return (
+            type(plugin) is MixedPrecision
+            and plugin.scaler is None
+            and not getattr(optimizer, "_step_supports_amp_scaling", False)
+        )
 
     def _log_this_step(self) -> bool:
         """Whether Lightning will hand this step's metrics to the loggers (its ``should_update_logs``:
