@@ -5,9 +5,10 @@
 
 Both train on the same real batches from lm_lab's BERT pipeline (sentence pairs with their real
 length distribution, 15% masking), same architecture, same AdamW; tokens/s counts real (non-pad)
-tokens. lm_lab: SDPA attention, MLM head only at masked positions, batches padded to their longest
+tokens. lm_lab: SDPA attention, the encoder on the real tokens only (``Unpadded``: padding is left
+out of every layer but attention), MLM head only at masked positions, batches padded to their longest
 pair. transformers: its default attention, every batch padded to the block size (as a fixed-shape
-pipeline does), MLM head over all positions. Rows 2-3 switch lm_lab's two savings off one at a time.
+pipeline does), MLM head over all positions. Row 2 computes the MLM head everywhere; row 3 pads the batch to the block (which the unpadded encoder then skips).
 The ``bf16-mixed`` rows run the forward pass and loss under ``torch.autocast("cpu", torch.bfloat16)``
 (Lightning's ``trainer.precision=bf16-mixed``; fp32 weights and optimizer), for lm_lab and for
 transformers alike; lm_lab then attends in fp32 on CPU (``lm_lab.models.layers.sdpa``), transformers

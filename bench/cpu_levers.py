@@ -1,6 +1,7 @@
 """Per-step cost of the CPU speed levers on nanoGPT's character-level recipe network.
 
     python bench/cpu_levers.py [--steps 40] [--repeats 5] [--threads 2]
+    python bench/cpu_levers.py --precision [--steps 40] [--repeats 5]
 
 One process; the network is the recipe's (4 layers, 4 heads, 128 dims, block 64, batch 12, vocab 67,
 no bias), trained on random windows of Tiny Shakespeare. Each variant gets its own copy of the same
@@ -10,11 +11,18 @@ clip, AdamW step) and the ratio against the first row, lm_lab's eager path befor
 (``torch.optim.AdamW`` with neither ``foreach`` nor ``fused``: what it picks on CPU by default).
 Compile time (first steps of a compiled variant) is reported separately; the whole-run effect,
 compile time included, is in ``bench/shakespeare_char.py``.
+
+``--precision`` measures mixed precision instead: matmul rates in fp32 and bf16 at the recipe's and
+BERT-Mini's shapes, SDPA forward + backward in fp32 and bf16 (flash and math kernels), and whole
+steps in fp32, in ``bf16-mixed`` as lm_lab runs it (autocast; attention in fp32 on CPU:
+``lm_lab.models.layers.sdpa``) and in ``bf16-mixed`` with SDPA called on the bf16 tensors as they
+come (PyTorch's behaviour, patched in here for the comparison).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -26,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import lm_lab.models.gpt.model as gpt_model  # noqa: E402
 from lm_lab.models.gpt.model import GPT, GPTConfig  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -38,9 +47,22 @@ def make_optimizer(model: torch.nn.Module, **kw: object) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), **kw)
 
 
+def sdpa_as_called(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
+    """The decoders' attention without lm_lab's CPU fp32 upcast: SDPA on whatever dtype autocast gave."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Variant:
-    def __init__(self, name: str, base: GPT, compile_model: bool | str, **opt_kw: object) -> None:
-        self.name = name
+    def __init__(
+        self,
+        name: str,
+        base: GPT,
+        compile_model: bool | str,
+        bf16: bool = False,
+        attention: object = None,
+        **opt_kw: object,
+    ) -> None:
+        self.name, self.bf16, self.attention = name, bf16, attention
         self.model = copy.deepcopy(base)
         self.opt = make_optimizer(self.model, **opt_kw)
         if compile_model:
@@ -53,12 +75,66 @@ class Variant:
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.fwd(x, y)
+        gpt_model.causal_attention = self.attention or ORIGINAL_ATTENTION
+        with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+            loss = self.fwd(x, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         return loss
+
+
+ORIGINAL_ATTENTION = gpt_model.causal_attention
+
+
+def rate(fn: object, flops: float, n: int = 50) -> float:
+    """GFLOP/s of ``fn()`` (median of 5 timings of ``n`` calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return flops / statistics.median(times) / 1e9
+
+
+def precision_tables() -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print("| matmul (M x K x N) | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |")
+    print("| --- | ---: | ---: | ---: |")
+    for m, k, n in [(768, 128, 384), (768, 128, 512), (768, 512, 128), (4096, 256, 1024), (4096, 1024, 256)]:
+        r = {}
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+            r[dt] = rate(lambda a=a, b=b: a @ b, 2 * m * k * n)
+        print(
+            f"| {m} x {k} x {n} | {r[torch.float32]:.0f} | {r[torch.bfloat16]:.0f} | {r[torch.bfloat16] / r[torch.float32]:.2f}x |"
+        )
+    print("\n| SDPA forward + backward (B, heads, T, head dim) | kernel | fp32 ms | bf16 ms | bf16 / fp32 |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for shape, causal in [((12, 4, 64, 32), True), ((32, 4, 128, 64), False)]:
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+            ms = {}
+            for dt in (torch.float32, torch.bfloat16):
+                q, k, v = (torch.randn(*shape, dtype=dt, requires_grad=True) for _ in range(3))
+                g = torch.randn(*shape, dtype=dt)
+
+                def fwd_bwd(q=q, k=k, v=v, g=g, backend=backend, causal=causal) -> None:
+                    with sdpa_kernel(backend):
+                        F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(g)
+
+                ms[dt] = 1.0 / rate(fwd_bwd, 1.0, n=20) / 1e6  # seconds per call -> ms
+            name = "x".join(map(str, shape)) + (" causal" if causal else "")
+            print(
+                f"| {name} | {backend.name.lower()} | {ms[torch.float32]:.2f} | {ms[torch.bfloat16]:.2f} "
+                f"| {ms[torch.bfloat16] / ms[torch.float32]:.2f}x |"
+            )
+    print()
 
 
 def main() -> None:
@@ -67,6 +143,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--precision", action="store_true", help="fp32 vs bf16-mixed (matmuls, attention, steps)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,14 +160,23 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=67, n_layer=4, n_head=4, n_embd=128, max_seq_len=T, dropout=0.0, bias=False)
     cfg.activation = "gelu"
     base = GPT(cfg)
-    variants = [
-        Variant("eager, AdamW for-loop (torch's CPU default)", base, False),
-        Variant("eager, AdamW foreach", base, False, foreach=True),
-        Variant("eager, AdamW fused", base, False, fused=True),
-        Variant("compiled network, AdamW foreach", base, True, foreach=True),
-        Variant("compiled network, AdamW fused", base, True, fused=True),
-        Variant("compiled network (max-autotune), AdamW fused", base, "max-autotune", fused=True),
-    ]
+    if args.precision:
+        precision_tables()
+        variants = [
+            Variant("eager, fp32 (32-true)", base, False),
+            Variant("eager, bf16-mixed as lm_lab runs it (attention in fp32)", base, False, bf16=True),
+            Variant("eager, bf16-mixed, SDPA on bf16 (PyTorch as called)", base, False, True, sdpa_as_called),
+            Variant("eager, bf16-mixed (lm_lab), AdamW foreach", base, False, bf16=True, foreach=True),
+        ]
+    else:
+        variants = [
+            Variant("eager, AdamW for-loop (torch's CPU default)", base, False),
+            Variant("eager, AdamW foreach", base, False, foreach=True),
+            Variant("eager, AdamW fused", base, False, fused=True),
+            Variant("compiled network, AdamW foreach", base, True, foreach=True),
+            Variant("compiled network, AdamW fused", base, True, fused=True),
+            Variant("compiled network (max-autotune), AdamW fused", base, "max-autotune", fused=True),
+        ]
     batches = [batch() for _ in range(args.steps)]
     for v in variants:  # warm-up (and compilation)
         t0 = time.perf_counter()

@@ -1,10 +1,13 @@
 """Lightning's per-step cost: lm_lab's training step vs a plain PyTorch loop with lm_lab's own settings.
 
-    python bench/lightning_overhead.py [--pairs 20] [--block 50] [--chunk 10] [--process-repeats 1] [--threads N] [--compile] [--fused]
+    python bench/lightning_overhead.py [--pairs 20] [--block 50] [--chunk 10] [--process-repeats 1] [--threads N]
+                                       [--precision 32-true|bf16-mixed] [--compile] [--fused]
 
 Both sides train nanoGPT's character-level CPU recipe network (4 layers, 4 heads, 128 dims, block 64,
 batch 12) on random windows of Tiny Shakespeare with the same settings: lm_lab's AdamW (decay on
-matrices only, the same ``fused`` choice), its LR schedule, gradient clipping at 1.0, no validation.
+matrices only, the same ``fused`` choice), its LR schedule, gradient clipping at 1.0, no validation,
+and the same arithmetic (``--precision``: lm_lab's ``trainer.precision``, which overrides the recipe's
+``auto``; the plain loops run their forward pass under the same CPU autocast for ``bf16-mixed``).
 
 - **paired blocks** (the row the issue's target is judged on): one ``python train.py
   experiment=nanogpt_shakespeare_char_cpu ...`` run (the real Trainer, task, DataModule, callbacks
@@ -44,6 +47,7 @@ import sys, time, statistics, torch
 sys.path.insert(0, sys.argv[2])
 from lm_lab.models.gpt.model import GPT, GPTConfig
 steps, compile_net, fused = int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1"
+bf16 = sys.argv[6] == "bf16-mixed"  # as Lightning's bf16-mixed: the forward pass under CPU autocast
 torch.manual_seed(1337)
 text = open(sys.argv[1], encoding="utf-8").read()
 stoi = {c: i for i, c in enumerate(sorted(set(text)))}
@@ -65,14 +69,17 @@ for it in range(steps):
         t0 = now
     ix = torch.randint(len(data) - T - 1, (B,))
     x = torch.stack([data[i:i + T] for i in ix]); y = torch.stack([data[i + 1:i + 1 + T] for i in ix])
-    loss = model.loss(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model.loss(x, y)
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
 print(f"RATE {statistics.median(rates):.1f}")
 """.replace("SKIP", str(SKIP)).replace("WINDOW", str(WINDOW))
 
 
-def train_cmd(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool) -> list[str]:
+def train_cmd(
+    data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool, precision: str = "32-true"
+) -> list[str]:
     return [
         sys.executable,
         str(REPO / "train.py"),
@@ -87,6 +94,7 @@ def train_cmd(data: Path, workdir: Path, steps: int, compile_net: bool, fused: b
         "callbacks.text_samples=null",
         f"compile={str(compile_net).lower()}",
         f"optimizer.fused={str(fused).lower()}",
+        f"trainer.precision={precision}",
         f"hydra.run.dir={workdir}/run",
     ]
 
@@ -105,7 +113,7 @@ def paired_ratios(data: Path, workdir: Path, args: argparse.Namespace) -> list[t
     """(lm_lab seconds, plain seconds) of each pair of ``args.block``-step blocks in one run."""
     steps = SKIP + args.pairs * args.block  # pairs close at steps SKIP + block, SKIP + 2 block, ...
     out = workdir / "pairs.json"
-    cmd = train_cmd(data, workdir, steps, args.compile, args.fused) + [
+    cmd = train_cmd(data, workdir, steps, args.compile, args.fused, args.precision) + [
         "+callbacks.paired._target_=bench.paired_loop.PairedPlainLoop",
         f"+callbacks.paired.data={data}",
         f"+callbacks.paired.block={args.block}",
@@ -117,18 +125,27 @@ def paired_ratios(data: Path, workdir: Path, args: argparse.Namespace) -> list[t
     return [tuple(p) for p in json.loads(out.read_text())["pairs"]]
 
 
-def lm_lab_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool) -> float:
-    run_train(train_cmd(data, workdir, steps, compile_net, fused), workdir)
+def lm_lab_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool, precision: str) -> float:
+    run_train(train_cmd(data, workdir, steps, compile_net, fused, precision), workdir)
     with open(workdir / "run" / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("tokens_per_sec")]
     return statistics.median(float(r["tokens_per_sec"]) for r in rows if int(r["step"]) > SKIP)
 
 
-def plain_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool) -> float:
+def plain_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool, precision: str) -> float:
     script = workdir / "plain.py"
     script.write_text(PLAIN)
     out = subprocess.run(
-        [sys.executable, str(script), str(data), str(REPO), str(steps), str(int(compile_net)), str(int(fused))],
+        [
+            sys.executable,
+            str(script),
+            str(data),
+            str(REPO),
+            str(steps),
+            str(int(compile_net)),
+            str(int(fused)),
+            precision,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -150,6 +167,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400, help="steps of each process-vs-process run")
     p.add_argument("--compile", action="store_true", help="compile the network on both sides")
     p.add_argument("--fused", action="store_true", help="fused AdamW on both sides")
+    p.add_argument(
+        "--precision",
+        choices=["32-true", "bf16-mixed"],
+        default="32-true",
+        help="both sides' arithmetic (lm_lab: trainer.precision; the plain loops: CPU autocast for bf16-mixed)",
+    )
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = p.parse_args()
@@ -165,13 +188,13 @@ def main() -> None:
             for name, fn in (("lm_lab", lm_lab_rate), ("plain loop", plain_rate)):
                 work = Path(root) / f"{name.replace(' ', '_')}{i}"
                 work.mkdir()
-                rates[name].append(fn(data, work, args.steps, args.compile, args.fused))
+                rates[name].append(fn(data, work, args.steps, args.compile, args.fused, args.precision))
                 print(f"  process repeat {i + 1}: {name:<11} {rates[name][-1]:,.0f} tokens/s", flush=True)
     ratios = [lm / plain for lm, plain in pairs]
     q1, med, q3 = quartiles(ratios)
     ms = 1000 / args.block
     print(
-        f"\nnanoGPT char recipe network, fp32, compile={args.compile}, fused AdamW={args.fused}, "
+        f"\nnanoGPT char recipe network, {args.precision}, compile={args.compile}, fused AdamW={args.fused}, "
         f"threads={args.threads or 'default'}; paired run: "
         f"{len(pairs)} pairs of {args.block}-step blocks (alternating every {args.chunk} steps) after {SKIP} "
         "warm-up steps\n"

@@ -66,6 +66,8 @@ class PairedPlainLoop(L.Callback):
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: fn(step) / o.lr)
         self.clip = trainer.gradient_clip_val
+        # The run's arithmetic: under bf16-mixed the plain side's forward runs under the same autocast.
+        self.bf16 = str(trainer.precision) == "bf16-mixed"
         dm = trainer.datamodule
         with open(self.text_file, encoding="utf-8") as fh:
             text = fh.read()
@@ -79,8 +81,9 @@ class PairedPlainLoop(L.Callback):
             ix = torch.randint(len(self.data) - T - 1, (B,), generator=self.gen).tolist()
             x = torch.stack([self.data[i : i + T] for i in ix])
             y = torch.stack([self.data[i + 1 : i + 1 + T] for i in ix])
-            logits = self.net(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.net(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.clip:

@@ -41,8 +41,8 @@ def resolve_precision(precision: object, on_gpu: bool) -> object:
     """``trainer.precision=auto`` -> ``bf16-mixed`` where bfloat16 runs natively (a CUDA GPU that supports
     it; a CPU with AVX512-BF16 / AMX / Arm BF16), else ``32-true``; any other value is returned as is.
 
-    On this project's 2-core AVX512-BF16 CPUs ``bf16-mixed`` trains nanoGPT's Tiny Shakespeare recipe
-    ~1.4x faster than fp32 at the same validation loss (``docs/benchmarks.md``)."""
+    On this project's 2-core AVX512-BF16 CPUs a ``bf16-mixed`` step of nanoGPT's Tiny Shakespeare recipe
+    takes 0.68x the fp32 step, at the same validation loss (``docs/benchmarks.md``)."""
     if str(precision) != "auto":
         return precision
     native = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_native_bf16()

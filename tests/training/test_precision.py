@@ -47,7 +47,7 @@ def losses(compose_cfg, run_dir: Path, overrides: list[str]) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-@pytest.mark.slow  # bf16 is ~5x slower than fp32 on this CPU: GPT ~10 s, BERT ~25 s
+@pytest.mark.slow  # six short training runs: GPT and BERT, each in three precisions
 @pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
 def test_cpu_precision_presets_train_close_to_fp32(model: str, compose_cfg, tmp_path: Path) -> None:
     reference = losses(compose_cfg, tmp_path / "fp32", [*MODELS[model], "trainer.precision=32-true"])
