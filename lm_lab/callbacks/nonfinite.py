@@ -41,23 +41,20 @@ class NonFiniteGuard(L.Callback):
         bad = self._loss_bad.float().max() if self._loss_bad is not None else torch.zeros((), device=device)
         self._loss_bad = None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        total = None
+        shared_norm = None  # the norm clipping may reuse: plain tensors only (DTensors clip Lightning's way)
         if grads and str(trainer.precision) != "16-mixed":
             total = torch.nn.utils.get_total_norm(grads)  # NaN/inf if any gradient is
             if hasattr(total, "full_tensor"):  # FSDP2's sharded gradients: a DTensor, each rank holding a part
                 total = total.full_tensor()
-                sharded = True
             else:
-                sharded = False
+                shared_norm = total
             bad = torch.maximum(bad, (~torch.isfinite(total)).float().to(bad.device))
-            if sharded:
-                total = None  # clipping DTensors takes Lightning's own path
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad, reduce_op="sum")
         if not bool(bad.item()):  # one host sync per optimizer step
             self.bad_steps, self.first_bad = 0, None
-            if total is not None and hasattr(pl_module, "step_grad_norm"):
-                pl_module.step_grad_norm = total  # LMTask clips with it (configure_gradient_clipping)
+            if shared_norm is not None and hasattr(pl_module, "step_grad_norm"):
+                pl_module.step_grad_norm = shared_norm  # LMTask clips with it (configure_gradient_clipping)
             return
         for group in optimizer.param_groups:
             for p in group["params"]:
