@@ -262,3 +262,14 @@ def test_train_metrics_reach_the_loggers_every_log_every_n_steps_with_the_per_st
     for step in (2, 4):  # steps whose metrics were never handed to Lightning
         loss = float(shown[step].split("loss ")[1].split(" ")[0])
         assert loss == pytest.approx(float(dense[step]["train/loss"]), abs=1e-4), shown[step]
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "abc", "true"])
+def test_a_bad_final_val_batches_is_one_line_before_training(value: str, compose_cfg, tmp_path: Path) -> None:
+    from lm_lab.schema import ConfigError
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(*TINY, *SHAKES, "trainer.max_steps=2", f"final_val_batches={value}", run_dir=run_dir)
+    with pytest.raises(ConfigError, match=r"final_val_batches=.* must be a number of validation batches"):
+        train(cfg)
+    assert not (run_dir / "checkpoints").exists()

@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.setup import _determine_batch_limits
 
+from lm_lab.schema import ConfigError
+
 
 class FinalValidation(L.Callback):
     """When ``trainer.max_steps`` is not a multiple of ``val_check_interval``, the last in-training
@@ -31,6 +33,14 @@ class FinalValidation(L.Callback):
 
     def __init__(self, limit_batches: int | float | None = None) -> None:
         if limit_batches is not None:
+            count = isinstance(limit_batches, int) and not isinstance(limit_batches, bool) and limit_batches >= 0
+            fraction = isinstance(limit_batches, float) and 0.0 <= limit_batches <= 1.0
+            if not (count or fraction):
+                raise ConfigError(
+                    f"final_val_batches={limit_batches!r} must be a number of validation batches (an int >= 0), "
+                    "a fraction of the validation split (a float in [0, 1]; 1.0: all of it) or null (as "
+                    "trainer.limit_val_batches)"
+                )
             limit_batches = _determine_batch_limits(limit_batches, "final_val_batches")
         self.limit_batches = limit_batches
         self.last_val_step: int | None = None
