@@ -4,7 +4,9 @@
                                [--corpus pydocs|shakespeare] [--steps 8] [--repeats 5]
 
 Both train on the same real batches from lm_lab's BERT pipeline (sentence pairs with their real
-length distribution, 15% masking), same architecture, same AdamW; tokens/s counts real (non-pad)
+length distribution, 15% masking), same architecture, same AdamW (PyTorch's fused kernel: lm_lab's
+default ``optimizer.fused=null`` picks it on CPU, and transformers' ``Trainer`` defaults to
+``optim="adamw_torch_fused"`` with torch >= 2.8); tokens/s counts real (non-pad)
 tokens. lm_lab: SDPA attention, the encoder on the real tokens only (``Unpadded``: padding is left
 out of every layer but attention), MLM head only at masked positions, batches padded to their longest
 pair. transformers: its default attention, every batch padded to the block size (as a fixed-shape
@@ -85,7 +87,7 @@ class Ours:
         from lm_lab.models.bert import BertForPreTraining as BertModel
 
         self.model, self.masked_head, self.dynamic, self.block = BertModel(cfg).train(), masked_head, dynamic, block
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.bf16 = bf16
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -118,7 +120,7 @@ class HF:
         kwargs = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("model_type", "architectures")}
         self.model = transformers.BertForPreTraining(transformers.BertConfig(**kwargs)).train()
         self.attn = self.model.config._attn_implementation
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         self.block, self.bf16 = block, bf16
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:

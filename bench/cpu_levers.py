@@ -17,6 +17,11 @@ BERT-Mini's shapes, SDPA forward + backward in fp32 and bf16 (flash and math ker
 steps in fp32, in ``bf16-mixed`` as lm_lab runs it (autocast; attention in fp32 on CPU:
 ``lm_lab.models.layers.sdpa``) and in ``bf16-mixed`` with SDPA called on the bf16 tensors as they
 come (PyTorch's behaviour, patched in here for the comparison).
+
+``--optimizer`` measures AdamW's three CPU implementations: the optimizer step alone on the recipe's
+804,352 parameters (for-loop, PyTorch's CPU default; ``foreach``; ``fused``, lm_lab's default since
+``optimizer.fused=null`` picks it on CPU), then whole steps in fp32 and bf16-mixed with the for-loop
+and the fused kernel.
 """
 
 from __future__ import annotations
@@ -137,6 +142,40 @@ def precision_tables() -> None:
     print()
 
 
+def optimizer_table(base: GPT, repeats: int, calls: int = 20) -> None:
+    """AdamW's step alone, each implementation on its own copy of the network with the same gradients."""
+    kinds = {
+        "for-loop (PyTorch's CPU default)": {},
+        "foreach": {"foreach": True},
+        "fused (lm_lab's default)": {"fused": True},
+    }
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in base.parameters()]
+    opts = {}
+    for name, kw in kinds.items():
+        model = copy.deepcopy(base)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        opts[name] = make_optimizer(model, **kw)
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for opt in opts.values():
+        for _ in range(3):
+            opt.step()
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                opt.step()
+            times[name].append((time.perf_counter() - t0) / calls * 1e3)
+    n = sum(p.numel() for p in base.parameters())
+    print(f"\nAdamW step alone, {n:,} parameters in {len(grads)} tensors; median of {repeats} x {calls} steps\n")
+    print("| AdamW implementation | ms / step | vs for-loop |")
+    print("| --- | ---: | ---: |")
+    first = statistics.median(next(iter(times.values())))
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t):.2f} | {statistics.median(t) / first:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per timed repeat")
@@ -144,6 +183,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--precision", action="store_true", help="fp32 vs bf16-mixed (matmuls, attention, steps)")
+    p.add_argument("--optimizer", action="store_true", help="AdamW for-loop vs foreach vs fused (alone and in steps)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,7 +200,17 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=67, n_layer=4, n_head=4, n_embd=128, max_seq_len=T, dropout=0.0, bias=False)
     cfg.activation = "gelu"
     base = GPT(cfg)
-    if args.precision:
+    if args.optimizer:
+        optimizer_table(base, args.repeats)
+        variants = [
+            Variant("eager, fp32, AdamW for-loop", base, False),
+            Variant("eager, fp32, AdamW fused", base, False, fused=True),
+            Variant("eager, bf16-mixed (lm_lab), AdamW for-loop", base, False, bf16=True),
+            Variant(
+                "eager, bf16-mixed (lm_lab), AdamW fused (the recipe's default)", base, False, bf16=True, fused=True
+            ),
+        ]
+    elif args.precision:
         precision_tables()
         variants = [
             Variant("eager, fp32 (32-true)", base, False),

@@ -1,11 +1,11 @@
 """Lightning's per-step cost: lm_lab's training step vs a plain PyTorch loop with lm_lab's own settings.
 
     python bench/lightning_overhead.py [--pairs 20] [--block 50] [--chunk 10] [--process-repeats 1] [--threads N]
-                                       [--precision 32-true|bf16-mixed] [--compile] [--fused]
+                                       [--precision 32-true|bf16-mixed] [--compile] [--fused auto|true|false]
 
 Both sides train nanoGPT's character-level CPU recipe network (4 layers, 4 heads, 128 dims, block 64,
 batch 12) on random windows of Tiny Shakespeare with the same settings: lm_lab's AdamW (decay on
-matrices only, the same ``fused`` choice), its LR schedule, gradient clipping at 1.0, no validation,
+matrices only, the same ``fused`` choice: ``--fused auto``, lm_lab's default, is the fused kernel on CPU), its LR schedule, gradient clipping at 1.0, no validation,
 and the same arithmetic (``--precision``: lm_lab's ``trainer.precision``, which overrides the recipe's
 ``auto``; the plain loops run their forward pass under the same CPU autocast for ``bf16-mixed``).
 
@@ -78,7 +78,7 @@ print(f"RATE {statistics.median(rates):.1f}")
 
 
 def train_cmd(
-    data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool, precision: str = "32-true"
+    data: Path, workdir: Path, steps: int, compile_net: bool, fused: str, precision: str = "32-true"
 ) -> list[str]:
     return [
         sys.executable,
@@ -93,7 +93,7 @@ def train_cmd(
         "sample_tokens=0",
         "callbacks.text_samples=null",
         f"compile={str(compile_net).lower()}",
-        f"optimizer.fused={str(fused).lower()}",
+        *([] if fused == "auto" else [f"optimizer.fused={fused}"]),
         f"trainer.precision={precision}",
         f"hydra.run.dir={workdir}/run",
     ]
@@ -125,14 +125,14 @@ def paired_ratios(data: Path, workdir: Path, args: argparse.Namespace) -> list[t
     return [tuple(p) for p in json.loads(out.read_text())["pairs"]]
 
 
-def lm_lab_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool, precision: str) -> float:
+def lm_lab_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: str, precision: str) -> float:
     run_train(train_cmd(data, workdir, steps, compile_net, fused, precision), workdir)
     with open(workdir / "run" / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("tokens_per_sec")]
     return statistics.median(float(r["tokens_per_sec"]) for r in rows if int(r["step"]) > SKIP)
 
 
-def plain_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: bool, precision: str) -> float:
+def plain_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: str, precision: str) -> float:
     script = workdir / "plain.py"
     script.write_text(PLAIN)
     out = subprocess.run(
@@ -143,7 +143,7 @@ def plain_rate(data: Path, workdir: Path, steps: int, compile_net: bool, fused: 
             str(REPO),
             str(steps),
             str(int(compile_net)),
-            str(int(fused)),
+            str(int(fused != "false")),  # auto: lm_lab's CPU default, the fused kernel
             precision,
         ],
         check=True,
@@ -166,7 +166,12 @@ def main() -> None:
     p.add_argument("--process-repeats", type=int, default=1, help="process-vs-process runs per side (0: none)")
     p.add_argument("--steps", type=int, default=400, help="steps of each process-vs-process run")
     p.add_argument("--compile", action="store_true", help="compile the network on both sides")
-    p.add_argument("--fused", action="store_true", help="fused AdamW on both sides")
+    p.add_argument(
+        "--fused",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="AdamW's fused kernel on both sides (auto: lm_lab's default, fused on CPU and CUDA)",
+    )
     p.add_argument(
         "--precision",
         choices=["32-true", "bf16-mixed"],

@@ -45,7 +45,7 @@ class PairedPlainLoop(L.Callback):
         self.net = copy.deepcopy(pl_module.net).train()
         params = [p for p in self.net.parameters() if p.requires_grad]
         o, s = pl_module.optim_cfg, pl_module.sched_cfg
-        fused = o.fused if o.fused is not None else (pl_module.device.type == "cuda")
+        fused = bool(trainer.optimizers[0].defaults.get("fused"))  # the run's own choice (auto: fused on CPU)
         self.opt = torch.optim.AdamW(
             [
                 {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},

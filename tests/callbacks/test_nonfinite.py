@@ -80,3 +80,50 @@ def _with_grad(g: torch.Tensor) -> torch.Tensor:
     p = torch.nn.Parameter(torch.empty_like(g))
     p.grad = g  # clipped in place: `g` itself
     return p
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clipping_within_the_limit_leaves_the_gradients_bit_equal(
+    max_norm: float, compose_cfg: Callable[..., DictConfig], tmp_path: Any
+) -> None:
+    """On CPU the task skips the multiplication by 1.0 when the norm is within the limit: the same bits
+    as clip_grad_norm_, whether it clips (0.05) or not (1e6)."""
+    from lm_lab.callbacks.nonfinite import NonFiniteGuard
+
+    _, objects = weights_after(compose_cfg, tmp_path, "run")
+    trainer, task = objects["trainer"], objects["task"]
+    (guard,) = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    optimizer = trainer.optimizers[0]
+    task.train()
+    ids = torch.randint(0, task.model_cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(task.net(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    expected = [p.grad.clone() for p in params]
+    norm = torch.nn.utils.clip_grad_norm_([_with_grad(g) for g in expected], max_norm)
+    assert (norm > max_norm) == (max_norm == 0.05)  # one case clips, the other does not
+    guard.on_before_optimizer_step(trainer, task, optimizer)
+    task.configure_gradient_clipping(optimizer, max_norm, "norm")
+    for g, p in zip(expected, params, strict=True):
+        assert torch.equal(p.grad, g)
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_bf16_mixed_clips_the_default_fused_adamw(
+    guard: bool, compose_cfg: Callable[..., DictConfig], tmp_path: Any
+) -> None:
+    """AdamW's fused kernel is the CPU default; Lightning refuses to clip for it under autocast (it
+    unscales inside its step, which only matters with a loss scaler). Under bf16-mixed the task clips
+    it itself, with or without the guard, and the clipping changes the weights."""
+    bf16 = ["trainer.precision=bf16-mixed"]
+    no_guard = [] if guard else ["callbacks.nonfinite=null"]
+    clipped, objects = weights_after(compose_cfg, tmp_path, "clipped", *bf16, *no_guard)
+    assert objects["trainer"].optimizers[0].defaults["fused"] is True
+    unclipped, _ = weights_after(compose_cfg, tmp_path, "unclipped", *bf16, *no_guard, "trainer.gradient_clip_val=null")
+    # The same run with the for-loop AdamW (which Lightning clips itself without the guard) agrees to
+    # the two kernels' rounding: Adam divides by sqrt(v), so a weight whose gradients are near zero moves
+    # by up to a few percent of lr (1e-3 here) apart. Clipping moves the weights by far more than that.
+    loop, _ = weights_after(compose_cfg, tmp_path, "loop", *bf16, *no_guard, "optimizer.fused=false")
+    effect = max((clipped[k] - unclipped[k]).abs().max().item() for k in clipped)
+    apart = max((clipped[k] - loop[k]).abs().max().item() for k in clipped)
+    assert apart < 1e-4 < effect / 10, (apart, effect)
