@@ -7,7 +7,8 @@ Both train on the same real batches from lm_lab's BERT pipeline (sentence pairs 
 length distribution, 15% masking), same architecture, same AdamW (PyTorch's fused kernel: lm_lab's
 default ``optimizer.fused=null`` picks it on CPU, and transformers' ``Trainer`` defaults to
 ``optim="adamw_torch_fused"`` with torch >= 2.8); tokens/s counts real (non-pad)
-tokens. lm_lab: SDPA attention, the encoder on the real tokens only (``Unpadded``: padding is left
+tokens. lm_lab: its attention (SDPA's math in fp32 with lm_lab's faster CPU dropout mask while
+attention dropout is on: ``lm_lab.models.layers.dropout``), the encoder on the real tokens only (``Unpadded``: padding is left
 out of every layer but attention), MLM head only at masked positions, batches padded to their longest
 pair. transformers: its default attention, every batch padded to the block size (as a fixed-shape
 pipeline does), MLM head over all positions. Row 2 computes the MLM head everywhere; row 3 pads the batch to the block (which the unpadded encoder then skips).

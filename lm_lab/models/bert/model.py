@@ -15,6 +15,7 @@ from torch import nn
 
 from lm_lab.models.layers import (
     ACTIVATIONS,
+    Dropout,
     attention,
     init_normal_,
     merge_heads,
@@ -123,7 +124,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
         self.LayerNorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
@@ -161,7 +162,7 @@ class AddNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, cfg.n_embd)
         self.LayerNorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
