@@ -1,7 +1,7 @@
 """Lightning's per-step cost: lm_lab's training step vs a plain PyTorch loop with lm_lab's own settings.
 
     python bench/lightning_overhead.py [--pairs 20] [--block 50] [--chunk 10] [--process-repeats 1] [--threads N]
-                                       [--precision 32-true|bf16-mixed] [--compile] [--fused auto|true|false]
+                                       [--precision 32-true|bf16-mixed] [--compile] [--fused auto|true|false] [--floor]
 
 Both sides train nanoGPT's character-level CPU recipe network (4 layers, 4 heads, 128 dims, block 64,
 batch 12) on random windows of Tiny Shakespeare with the same settings: lm_lab's AdamW (decay on
@@ -20,6 +20,10 @@ and the same arithmetic (``--precision``: lm_lab's ``trainer.precision``, which 
 - **process vs process** (context only): the same run without the callback against the plain loop
   in a fresh process, alternating; median of the per-run rates (the ``Throughput`` callback's
   ``tokens_per_sec`` on one side, the same 10-step windows on the other; first 50 steps skipped).
+
+- **Lightning's floor** (``--floor``): the same pairing with a minimal ``LightningModule`` instead of
+  lm_lab (the same network and plain batches; ``training_step`` is the loss, clipping and AdamW as the
+  plain loop's; no callbacks, logger or checkpoints): what Lightning's loop itself costs per step.
 
 Start-up, tokenization and validation are excluded: the whole-run comparison is
 ``bench/shakespeare_char.py``.
@@ -75,6 +79,77 @@ for it in range(steps):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
 print(f"RATE {statistics.median(rates):.1f}")
 """.replace("SKIP", str(SKIP)).replace("WINDOW", str(WINDOW))
+
+
+FLOOR = r"""
+import copy, json, sys, time, torch, torch.nn.functional as F
+sys.path.insert(0, sys.argv[2])
+import lightning as L
+from lm_lab.models.gpt.model import GPT, GPTConfig
+bf16, pairs, block, chunk, warm = sys.argv[3] == "bf16-mixed", int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+torch.manual_seed(1337)
+text = open(sys.argv[1], encoding="utf-8").read()
+stoi = {c: i for i, c in enumerate(sorted(set(text)))}
+data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+B, T = 12, 64
+def batch(gen):
+    ix = torch.randint(len(data) - T - 1, (B,), generator=gen).tolist()
+    return torch.stack([data[i:i + T] for i in ix]), torch.stack([data[i + 1:i + 1 + T] for i in ix])
+class Windows(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True: yield batch(g)
+def make_opt(net):  # the plain loop's settings: fused AdamW (lm_lab's CPU default), a per-step schedule
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+def loss_of(net, x, y):
+    return F.cross_entropy(net(x).flatten(0, 1).float(), y.flatten())
+class Minimal(L.LightningModule):
+    def __init__(self, net): super().__init__(); self.net = net
+    def training_step(self, b, i): return loss_of(self.net, *b)
+    def configure_optimizers(self):
+        opt, s = make_opt(self.net); return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val)  # Lightning refuses fused + autocast
+class Paired(L.Callback):
+    def __init__(self): self.pairs, self.t0, self.sums = [], None, [0.0, 0.0]
+    def on_train_start(self, trainer, pm):
+        self.net = copy.deepcopy(pm.net); self.opt, self.sched = make_opt(self.net); self.gen = torch.Generator().manual_seed(1)
+    def plain(self, n):
+        for _ in range(n):
+            x, y = batch(self.gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(self.net, x, y)
+            self.opt.zero_grad(set_to_none=True); loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0); self.opt.step(); self.sched.step()
+    def on_train_batch_end(self, trainer, pm, out, b, i):
+        s = trainer.global_step
+        if s < warm: return
+        if self.t0 is None: self.plain(warm); self.t0, self.start = time.perf_counter(), s; return
+        if (s - self.start) % chunk: return
+        self.sums[0] += time.perf_counter() - self.t0
+        t = time.perf_counter(); self.plain(chunk); self.sums[1] += time.perf_counter() - t
+        if s - self.start >= block: self.pairs.append(tuple(self.sums)); self.sums, self.start = [0.0, 0.0], s
+        self.t0 = time.perf_counter()
+net = GPT(GPTConfig(vocab_size=67, n_layer=4, n_head=4, n_embd=128, max_seq_len=T, dropout=0.0, bias=False, activation="gelu"))
+cb = Paired()
+trainer = L.Trainer(max_steps=warm + pairs * block, precision="bf16-mixed" if bf16 else "32-true", gradient_clip_val=1.0,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[cb], accelerator="cpu")
+trainer.fit(Minimal(net), torch.utils.data.DataLoader(Windows(), batch_size=None))
+print("PAIRS", json.dumps(cb.pairs))
+"""
+
+
+def floor_ratios(data: Path, workdir: Path, args: argparse.Namespace) -> list[tuple[float, float]]:
+    """(minimal LightningModule seconds, plain seconds) of each pair of blocks: Lightning's own cost."""
+    script = workdir / "floor.py"
+    script.write_text(FLOOR)
+    cmd = [sys.executable, str(script), str(data), str(REPO), args.precision, str(args.pairs), str(args.block)]
+    out = subprocess.run(
+        [*cmd, str(args.chunk), str(SKIP)], check=True, capture_output=True, text=True, cwd=workdir
+    ).stdout
+    return [tuple(p) for p in json.loads(out.split("PAIRS")[-1])]
 
 
 def train_cmd(
@@ -179,6 +254,7 @@ def main() -> None:
         help="both sides' arithmetic (lm_lab: trainer.precision; the plain loops: CPU autocast for bf16-mixed)",
     )
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's)")
+    p.add_argument("--floor", action="store_true", help="also pair a minimal LightningModule: Lightning's own cost")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = p.parse_args()
     if args.threads:
@@ -189,6 +265,7 @@ def main() -> None:
         work = Path(root) / "paired"
         work.mkdir()
         pairs = paired_ratios(data, work, args)
+        floor = floor_ratios(data, work, args) if args.floor else []
         for i in range(args.process_repeats):
             for name, fn in (("lm_lab", lm_lab_rate), ("plain loop", plain_rate)):
                 work = Path(root) / f"{name.replace(' ', '_')}{i}"
@@ -211,6 +288,13 @@ def main() -> None:
         f"{statistics.median(lm for lm, _ in pairs) * ms:.1f} vs {statistics.median(pl for _, pl in pairs) * ms:.1f} "
         f"ms/step) | {med:.3f} | {(med - 1) * 100:.1f}% |"
     )
+    if floor:
+        f1, fmed, f3 = quartiles([lm / plain for lm, plain in floor])
+        print(
+            f"| Lightning's floor: a minimal LightningModule, paired the same way (quartiles {f1:.3f}-{f3:.3f}; "
+            f"blocks {statistics.median(lm for lm, _ in floor) * ms:.1f} vs "
+            f"{statistics.median(pl for _, pl in floor) * ms:.1f} ms/step) | {fmed:.3f} | {(fmed - 1) * 100:.1f}% |"
+        )
     if args.process_repeats:
         med_rates = {k: statistics.median(v) for k, v in rates.items()}
         r = med_rates["plain loop"] / med_rates["lm_lab"]  # time ratio = inverse rate ratio

@@ -106,5 +106,14 @@ class PackedBlocks(Dataset):
         chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
         return {"input_ids": chunk[:-1], "labels": chunk[1:], "index": i}
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch's samples from one gather (the DataLoader's batched fetch): the same samples as
+        ``__getitem__`` gives one by one, without a memory-map slice and a conversion per sample."""
+        starts = np.asarray(indices, dtype=np.int64)
+        if not self.windows:
+            starts = starts * self.block_size
+        rows = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
+        return [{"input_ids": row[:-1], "labels": row[1:], "index": i} for row, i in zip(rows, indices, strict=True)]
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokens": None}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from lm_lab.data.options import DataConfig
@@ -242,6 +243,26 @@ def test_window_sampling_like_nanogpt(tmp_path: Path) -> None:
     item = dm.train_set[starts[0]]
     tokens = np.load(dm.token_cache() / "train.npy")
     assert item["input_ids"].tolist() == tokens[starts[0] : starts[0] + 64].tolist()
+    # The DataLoader fetches a batch with one gather (__getitems__): the per-sample items, stacked.
+    sampler.set_epoch(0)
+    batch = next(iter(loader))
+    for row, start in enumerate(starts[:4]):
+        one = dm.train_set[start]
+        assert batch["index"][row] == start
+        assert torch.equal(batch["input_ids"][row], one["input_ids"]) and torch.equal(
+            batch["labels"][row], one["labels"]
+        )
+
+
+def test_batched_fetch_of_blocks_equals_one_by_one(tmp_path: Path) -> None:
+    dm = dm_for(tmp_path, path="text", data_files=str(SHAKESPEARE), tokenizer="char", block_size=32, batch_size=3)
+    dm.setup()
+    ds = dm.train_set
+    indices = [0, 7, len(ds) - 1]
+    for got, i in zip(ds.__getitems__(indices), indices, strict=True):
+        one = ds[i]
+        assert got["index"] == i and got["input_ids"].dtype == one["input_ids"].dtype == torch.int64
+        assert torch.equal(got["input_ids"], one["input_ids"]) and torch.equal(got["labels"], one["labels"])
 
 
 WIKITEXT_ROWS = [
