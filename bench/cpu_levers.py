@@ -18,6 +18,10 @@ steps in fp32, in ``bf16-mixed`` as lm_lab runs it (autocast; attention in fp32 
 ``lm_lab.models.layers.sdpa``) and in ``bf16-mixed`` with SDPA called on the bf16 tensors as they
 come (PyTorch's behaviour, patched in here for the comparison).
 
+``--regional`` compares the eager bf16-mixed step with one whose transformer blocks are compiled
+one by one (regional compilation: the four blocks share one graph), compile time from the cache
+``TORCHINDUCTOR_CACHE_DIR`` names (point it at an empty directory for a user's first run).
+
 ``--optimizer`` measures AdamW's three CPU implementations: the optimizer step alone on the recipe's
 804,352 parameters (for-loop, PyTorch's CPU default; ``foreach``; ``fused``, lm_lab's default since
 ``optimizer.fused=null`` picks it on CPU), then whole steps in fp32 and bf16-mixed with the for-loop
@@ -70,7 +74,11 @@ class Variant:
         self.name, self.bf16, self.attention = name, bf16, attention
         self.model = copy.deepcopy(base)
         self.opt = make_optimizer(self.model, **opt_kw)
-        if compile_model:
+        if compile_model == "regional":  # each block compiled (one graph for the 4, same code); the rest eager
+            for block in self.model.transformer.h:
+                block.compile()
+            self.fwd = self.model.loss
+        elif compile_model:
             mode = compile_model if isinstance(compile_model, str) else None
             self.fwd = torch.compile(self.model.loss, mode=mode)
         else:
@@ -183,6 +191,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--precision", action="store_true", help="fp32 vs bf16-mixed (matmuls, attention, steps)")
+    p.add_argument("--regional", action="store_true", help="bf16-mixed eager vs compiled blocks (regional compilation)")
     p.add_argument("--optimizer", action="store_true", help="AdamW for-loop vs foreach vs fused (alone and in steps)")
     args = p.parse_args()
     if args.threads:
@@ -200,7 +209,12 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=67, n_layer=4, n_head=4, n_embd=128, max_seq_len=T, dropout=0.0, bias=False)
     cfg.activation = "gelu"
     base = GPT(cfg)
-    if args.optimizer:
+    if args.regional:
+        variants = [
+            Variant("eager, bf16-mixed (lm_lab), AdamW fused", base, False, bf16=True, fused=True),
+            Variant("compiled blocks (regional), bf16-mixed, AdamW fused", base, "regional", bf16=True, fused=True),
+        ]
+    elif args.optimizer:
         optimizer_table(base, args.repeats)
         variants = [
             Variant("eager, fp32, AdamW for-loop", base, False),
