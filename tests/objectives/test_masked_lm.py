@@ -319,8 +319,12 @@ def test_streaming_is_refused_early() -> None:
 
 @pytest.mark.slow
 def test_bert_tiny_cpu_experiment_learns(compose_cfg) -> None:
-    """A quarter of the recipe (~1 min): MLM well above chance; NSP better than its label prior
-    (63% of validation pairs have a random B: always guessing it scores 0.63, loss 0.66)."""
+    """A quarter of the recipe (~1 min): MLM well above chance; NSP better than its label prior in
+    validation (63% of validation pairs have a random B: always guessing it scores
+    0.63, loss 0.658). At 600 steps validation NSP is still on its way down and moves with the
+    trajectory: measured val/nsp_loss 0.554 / 0.560 / 0.643 for seeds 1 / 2 / 1337 (fused AdamW) and
+    0.584 / 0.587 for seeds 1 / 1337 with the for-loop AdamW (runs differ a little even at one seed:
+    the session's freshly trained WordPiece vocabulary is not always the same)."""
     cfg = compose_cfg(
         "experiment=bert_tiny_cpu",
         f"data.data_files={SHAKESPEARE}",
@@ -332,5 +336,5 @@ def test_bert_tiny_cpu_experiment_learns(compose_cfg) -> None:
     metrics, _ = train(cfg)
     # Measured 0.115-0.13 over runs since BERT's encoder initialises apart from its heads (another
     # draw of the initial weights); always guessing the commonest token scores far less.
-    assert metrics["val/mlm_acc"] > 0.10
-    assert metrics["val/nsp_loss"] < 0.63
+    assert metrics["val/mlm_acc"] > 0.10, metrics
+    assert metrics["val/nsp_loss"] < 0.658, metrics  # the label prior's loss: -(0.63 ln 0.63 + 0.37 ln 0.37)
