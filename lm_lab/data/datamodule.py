@@ -20,7 +20,7 @@ from lm_lab.data.options import DataConfig
 from lm_lab.data.sampling import EvalPadding, EvalSampler, ResumableSampler
 from lm_lab.data.sources import Corpus, DataError, load_corpus
 from lm_lab.data.streaming import StreamingBlocks
-from lm_lab.data.tokenizer import TRAINED_KINDS, describe, load_tokenizer, train_tokenizer
+from lm_lab.data.tokenizer import TRAINED_KINDS, TRAINER_REVISION, describe, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("lm_lab")
 CACHE_VERSION = 1
@@ -95,6 +95,7 @@ class TextDataModule(L.LightningDataModule):
                 "lower": c.lowercase,
                 "accents": c.strip_accents,
                 "docs": c.tokenizer_train_docs,
+                "trainer": TRAINER_REVISION,
             }
         )
         entry = self.cache_root / "tokenizers" / f"{kind}-{key}"

@@ -22,6 +22,9 @@ EOT = "<|endoftext|>"
 UNK_CHAR = "<unk>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAINED_KINDS = ("bpe", "char", "wordpiece")
+# Part of the tokenizer cache key: bumped when training changes what a kind gives for the same corpus.
+# 2: WordPiece vocabularies are the same on every run (see _train_wordpiece).
+TRAINER_REVISION = 2
 
 
 def train_tokenizer(
@@ -51,25 +54,60 @@ def train_tokenizer(
         tok.decoder = decoders.Fuse()
         trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
     elif kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
-        )
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=BERT_SPECIALS, continuing_subword_prefix="##", show_progress=False
-        )
+        return _train_wordpiece(texts, vocab_size, lowercase, strip_accents)
     else:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}: use bpe, char, wordpiece or a tokenizer directory")
     tok.train_from_iterator(_nonempty(texts), trainer=trainer)
-    if kind == "wordpiece":
-        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-        )
+    return tok
+
+
+def _wordpiece_shell(vocab: dict[str, int] | None, lowercase: bool, strip_accents: bool | None) -> Tokenizer:
+    """BERT's WordPiece pipeline (normalizer, pre-tokenizer, decoder) around ``vocab`` (None: untrained)."""
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool, strip_accents: bool | None) -> Tokenizer:
+    """``tokenizers``' WordPieceTrainer, made deterministic.
+
+    The trainer (tokenizers <= 0.22, huggingface/tokenizers#1794) numbers the ``##`` continuation
+    characters in hash-map order, which changes from run to run, and breaks ties between equally
+    frequent merges by those numbers: the same corpus gave a different vocabulary on every fresh
+    cache (4 runs on Tiny Shakespeare, 4 vocabularies). Here those characters are found first (the
+    trainer's own normalizer and pre-tokenizer, every character after a word's first) and handed to
+    the trainer in sorted order, right after BERT's special tokens, so the trainer creates none
+    itself; the tokenizer is then rebuilt with only BERT's five tokens as special.
+    """
+    if isinstance(texts, Iterator):  # read twice below
+        texts = list(texts)
+    shell = _wordpiece_shell(None, lowercase, strip_accents)
+    normalizer, pre_tokenizer = shell.normalizer, shell.pre_tokenizer
+    assert normalizer is not None and pre_tokenizer is not None
+    following: set[str] = set()
+    for text in _nonempty(texts):
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            following.update(word[1:])
+    continuing = sorted("##" + c for c in following)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=BERT_SPECIALS + continuing,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    shell.train_from_iterator(_nonempty(texts), trainer=trainer)
+    tok = _wordpiece_shell(shell.get_vocab(with_added_tokens=False), lowercase, strip_accents)
+    tok.add_special_tokens(BERT_SPECIALS)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     return tok
 
 

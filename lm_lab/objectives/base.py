@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics import MeanMetric
@@ -315,17 +316,10 @@ class LMTask(L.LightningModule):
         (which Lightning refuses): then the norm is computed here. Lightning's own path otherwise:
         clipping by value, loss scaling (``16-mixed``), sharded or DeepSpeed gradients."""
         norm, self.step_grad_norm = self.step_grad_norm, None
-        if not gradient_clip_val or not self._plain_norm_clipping(optimizer, gradient_clip_algorithm):
+        if not gradient_clip_val or not self._plain_norm_clipping(gradient_clip_algorithm):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        from lightning.pytorch.plugins.precision import MixedPrecision
-
-        # Lightning refuses to clip for an optimizer that unscales inside its step (fused AdamW) under
-        # autocast, scaler or not; without a scaler (bf16-mixed) the gradients are final and clipping is right.
-        refused = isinstance(self.trainer.precision_plugin, MixedPrecision) and getattr(
-            optimizer, "_step_supports_amp_scaling", False
-        )
-        if norm is None and not refused:
+        if norm is None and not self._lightning_refuses_to_clip(optimizer):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -342,17 +336,23 @@ class LMTask(L.LightningModule):
                 return
         torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
-    def _plain_norm_clipping(self, optimizer: Any, algorithm: Any) -> bool:
+    def _plain_norm_clipping(self, algorithm: Any) -> bool:
         """Whether clipping is ``clip_grad_norm_`` over the optimizer's parameters as they are: by norm,
         with the plain precision plugin or autocast without a loss scaler."""
-        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-
         if algorithm not in (None, "norm"):  # GradClipAlgorithmType is a str enum
             return False
         plugin = self.trainer.precision_plugin
         if type(plugin) is Precision:
             return True
         return type(plugin) is MixedPrecision and plugin.scaler is None
+
+    def _lightning_refuses_to_clip(self, optimizer: Any) -> bool:
+        """Lightning refuses to clip for an optimizer that unscales inside its step (fused AdamW) under
+        any autocast, scaler or not; without a scaler (``bf16-mixed``, the only autocast that gets past
+        ``_plain_norm_clipping``) the gradients are final and clipping them is right."""
+        return isinstance(self.trainer.precision_plugin, MixedPrecision) and getattr(
+            optimizer, "_step_supports_amp_scaling", False
+        )
 
     def _log_this_step(self) -> bool:
         """Whether Lightning will hand this step's metrics to the loggers (its ``should_update_logs``:
