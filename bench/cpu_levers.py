@@ -22,6 +22,11 @@ come (PyTorch's behaviour, patched in here for the comparison).
 one by one (regional compilation: the four blocks share one graph), compile time from the cache
 ``TORCHINDUCTOR_CACHE_DIR`` names (point it at an empty directory for a user's first run).
 
+``--attention`` measures lm_lab's CPU attention under bf16 autocast: forward + backward of the
+math path with bf16 matmuls (``layers._cpu_attention_math``, what ``sdpa`` runs up to
+``CPU_BF16_MATH_ATTENTION_MAX_LEN`` positions) against PyTorch's fused kernel in fp32 (what it runs
+beyond, and at every length before), at several lengths; then whole bf16-mixed steps with each.
+
 ``--optimizer`` measures AdamW's three CPU implementations: the optimizer step alone on the recipe's
 804,352 parameters (for-loop, PyTorch's CPU default; ``foreach``; ``fused``, lm_lab's default since
 ``optimizer.fused=null`` picks it on CPU), then whole steps in fp32 and bf16-mixed with the for-loop
@@ -44,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import lm_lab.models.gpt.model as gpt_model  # noqa: E402
+import lm_lab.models.layers as layers  # noqa: E402
 from lm_lab.models.gpt.model import GPT, GPTConfig  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -69,9 +75,11 @@ class Variant:
         compile_model: bool | str,
         bf16: bool = False,
         attention: object = None,
+        math_max_len: int | None = None,
         **opt_kw: object,
     ) -> None:
         self.name, self.bf16, self.attention = name, bf16, attention
+        self.math_max_len = layers.CPU_BF16_MATH_ATTENTION_MAX_LEN if math_max_len is None else math_max_len
         self.model = copy.deepcopy(base)
         self.opt = make_optimizer(self.model, **opt_kw)
         if compile_model == "regional":  # each block compiled (one graph for the 4, same code); the rest eager
@@ -89,6 +97,7 @@ class Variant:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         gpt_model.causal_attention = self.attention or ORIGINAL_ATTENTION
+        layers.CPU_BF16_MATH_ATTENTION_MAX_LEN = self.math_max_len
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
             loss = self.fwd(x, y)
         self.opt.zero_grad(set_to_none=True)
@@ -150,6 +159,46 @@ def precision_tables() -> None:
     print()
 
 
+def attention_table(repeats: int) -> None:
+    """Forward + backward of bf16 q/k/v (as autocast hands them over): the fused kernel in fp32 vs the
+    math path with bf16 matmuls, causal (decoders) and with a padding mask (BERT)."""
+    import torch.nn.functional as F
+
+    print(
+        "\n| attention forward + backward (B, heads, T, head dim) | fused SDPA in fp32, ms | math, bf16 matmuls, ms | math / fused |"
+    )
+    print("| --- | ---: | ---: | ---: |")
+    shapes = [((12, 4, 64, 32), True), ((32, 4, 128, 64), False), ((8, 12, 256, 64), True), ((4, 12, 512, 64), True)]
+    for shape, causal in shapes:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(*shape, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+        g = torch.randn(*shape, generator=gen).bfloat16()
+        keep = torch.rand(shape[0], 1, 1, shape[2], generator=gen) > 0.1
+        keep[..., 0] = True
+        kw = {"is_causal": True} if causal else {"attn_mask": keep}
+
+        def fused(kw=kw, q=q, k=k, v=v, g=g) -> None:
+            F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).bfloat16().backward(g)
+
+        def math_bf16(kw=kw, q=q, k=k, v=v, g=g) -> None:
+            layers._cpu_attention_math(q, k, v, matmul_dtype=torch.bfloat16, **kw).backward(g)
+
+        n = max(2, 20 * 64 // shape[2])
+        for fn in (fused, math_bf16):
+            for _ in range(3):
+                fn()
+        runs: dict[str, list[float]] = {"fused": [], "math": []}
+        for _ in range(repeats):
+            for name, fn in (("fused", fused), ("math", math_bf16)):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                runs[name].append((time.perf_counter() - t0) / n * 1e3)
+        ms = {name: statistics.median(t) for name, t in runs.items()}
+        label = "x".join(map(str, shape)) + (" causal" if causal else " padding mask")
+        print(f"| {label} | {ms['fused']:.2f} | {ms['math']:.2f} | {ms['math'] / ms['fused']:.2f}x |")
+
+
 def optimizer_table(base: GPT, repeats: int, calls: int = 20) -> None:
     """AdamW's step alone, each implementation on its own copy of the network with the same gradients."""
     kinds = {
@@ -193,6 +242,7 @@ def main() -> None:
     p.add_argument("--precision", action="store_true", help="fp32 vs bf16-mixed (matmuls, attention, steps)")
     p.add_argument("--regional", action="store_true", help="bf16-mixed eager vs compiled blocks (regional compilation)")
     p.add_argument("--optimizer", action="store_true", help="AdamW for-loop vs foreach vs fused (alone and in steps)")
+    p.add_argument("--attention", action="store_true", help="bf16-mixed attention: fused fp32 kernel vs bf16 math")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,6 +263,21 @@ def main() -> None:
         variants = [
             Variant("eager, bf16-mixed (lm_lab), AdamW fused", base, False, bf16=True, fused=True),
             Variant("compiled blocks (regional), bf16-mixed, AdamW fused", base, "regional", bf16=True, fused=True),
+        ]
+    elif args.attention:
+        attention_table(args.repeats)
+        variants = [
+            Variant(
+                "eager, bf16-mixed, attention by the fused kernel in fp32 (before)",
+                base,
+                False,
+                True,
+                math_max_len=0,
+                fused=True,
+            ),
+            Variant(
+                "eager, bf16-mixed, attention as math with bf16 matmuls (lm_lab now)", base, False, True, fused=True
+            ),
         ]
     elif args.optimizer:
         optimizer_table(base, args.repeats)

@@ -5,6 +5,7 @@ Plain PyTorch; no Lightning or Hydra here.
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 
@@ -44,18 +45,30 @@ def attention(
     return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``; on CPU, bf16/fp16 inputs are attended in fp32.
+# Under CPU autocast, attention over at most this many positions runs as plain math with bf16
+# matmuls (``_cpu_attention_math``): faster than PyTorch's fused kernel in fp32 at short lengths,
+# slower past it (forward + backward, bf16 math / fp32 fused: 0.80x at 64 positions, 0.87x at 128,
+# 0.99x at 256, 1.19x at 512; ``bench/cpu_levers.py --attention``).
+CPU_BF16_MATH_ATTENTION_MAX_LEN = 128
 
-    PyTorch's fused CPU attention kernel is slower in bf16 than in fp32 (its backward 2-5x at
-    these models' shapes: ``bench/cpu_levers.py``), which undid most of what CPU mixed precision
-    gains in the matmuls (bf16 matmuls run ~2x fp32's rate on AVX512-BF16 CPUs). So under
-    ``bf16-mixed`` on CPU the attention runs in fp32 (autocast off inside) and its output is cast
-    back; the rest of the network keeps bf16 matmuls. Elsewhere (GPUs, fp32) SDPA is called as is.
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: typing.Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, with lm_lab's CPU paths for mixed precision and dropout.
+
+    PyTorch's fused CPU attention kernel is slower in bf16 than in fp32 (its backward 2-5x at these
+    models' shapes: ``bench/cpu_levers.py``), which undid most of what CPU mixed precision gains in
+    the matmuls (bf16 matmuls run ~2x fp32's rate on AVX512-BF16 CPUs). So under CPU autocast:
+    sequences of up to ``CPU_BF16_MATH_ATTENTION_MAX_LEN`` positions are attended as plain math with
+    bf16 matmuls and an fp32 softmax (what SDPA's own math path does with bf16 inputs, and faster than
+    either fused kernel at these lengths); longer ones by the fused kernel in fp32, cast back to bf16.
+    With attention dropout (no fused CPU kernel) the math runs in fp32 with ``dropout``'s faster mask.
+    Elsewhere (GPUs, fp32 on CPU) SDPA is called as is.
     """
     if q.device.type == "cpu" and kwargs.get("dropout_p", 0.0) > 0.0:
-        return _cpu_attention_with_dropout(q, k, v, **kwargs)
+        return _cpu_attention_math(q, k, v, **kwargs)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        if q.dtype == torch.bfloat16 and max(q.size(-2), k.size(-2)) <= CPU_BF16_MATH_ATTENTION_MAX_LEN:
+            return _cpu_attention_math(q, k, v, matmul_dtype=torch.bfloat16, **kwargs)
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs["attn_mask"] = mask.float()
@@ -64,7 +77,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: typing.Any
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _cpu_attention_with_dropout(
+def _cpu_attention_math(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -73,8 +86,10 @@ def _cpu_attention_with_dropout(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     enable_gqa: bool = False,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """SDPA's math path (scores, mask, softmax, dropout, values), in fp32, with ``dropout``'s mask.
+    """SDPA's math path (scores, mask, softmax, dropout, values): matmuls in ``matmul_dtype``, the
+    scaling, mask and softmax in fp32; returns ``q``'s dtype.
 
     With attention dropout SDPA has no fused CPU kernel and runs this same computation in C++, but
     its dropout draws the mask with ``bernoulli_``, half the speed of ``dropout`` below: on BERT-Mini's
@@ -82,21 +97,26 @@ def _cpu_attention_with_dropout(
     """
     dtype = q.dtype
     with torch.autocast("cpu", enabled=False):
-        q, k, v = q.float(), k.float(), v.float()
+        q, k, v = q.to(matmul_dtype), k.to(matmul_dtype), v.to(matmul_dtype)
         if enable_gqa and k.size(-3) != q.size(-3):
             k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
             v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
-        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+        scale = 1.0 / math.sqrt(q.size(-1))
+        scores = torch.matmul(q, k.transpose(-2, -1))
         if is_causal:
-            t, s = scores.shape[-2:]
-            attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril_(s - t)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            else:
-                scores = scores + attn_mask.float()
+            attn_mask = _causal_bias(scores.size(-2), scores.size(-1), q.device)
+        elif attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+        # With a mask, one op: fp32 bias + scale * scores (bf16 scores promoted to fp32).
+        scores = scores.float().mul_(scale) if attn_mask is None else torch.add(attn_mask.float(), scores, alpha=scale)
         probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
-        return torch.matmul(probs, v).to(dtype)
+        return torch.matmul(probs.to(matmul_dtype), v).to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_bias(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(t, s) fp32: 0 where query i may see key j (j <= i, SDPA's ``is_causal``), -inf elsewhere."""
+    return torch.full((t, s), float("-inf"), device=device).triu_(1)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
