@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
+from lm_lab.data.tokenizer import char_pieces, is_char_level
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
@@ -27,12 +29,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def tokenize_dataset(ds: Any, tok: Tokenizer, *, eot: int | None, num_proc: int | None = None) -> Any:
     """Add an ``ids`` column (token ids, EOT appended) and drop the text."""
     tok_json = tok.to_str()
+    in_pieces = is_char_level(tok)  # a long document encoded in pieces on every core: the same ids
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         t = _tokenizer_from_json(tok_json)
-        encs = t.encode_batch([s or "" for s in batch["text"]], add_special_tokens=False)
+        texts = [s or "" for s in batch["text"]]
         tail = [eot] if eot is not None else []
-        return {"ids": [e.ids + tail for e in encs]}
+        if not in_pieces:
+            return {"ids": [e.ids + tail for e in t.encode_batch(texts, add_special_tokens=False)]}
+        pieces = [list(char_pieces([text])) for text in texts]
+        encs = iter(t.encode_batch([p for doc in pieces for p in doc], add_special_tokens=False))
+        return {"ids": [[i for _ in doc for i in next(encs).ids] + tail for doc in pieces]}
 
     kwargs: dict[str, Any] = {"batched": True, "remove_columns": ["text"]}
     if num_proc and num_proc > 1 and len(ds) >= num_proc:

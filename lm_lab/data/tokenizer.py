@@ -53,6 +53,7 @@ def train_tokenizer(
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
         trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
+        texts = char_pieces(texts)
     elif kind == "wordpiece":
         return _train_wordpiece(texts, vocab_size, lowercase, strip_accents)
     else:
@@ -172,6 +173,46 @@ def eot_id(tok: Tokenizer) -> int | None:
         if i is not None:
             return i
     return None
+
+
+# A character-level tokenizer sees one character at a time, so a document cut between characters
+# gives the same tokens. Cut into pieces of about this many characters, a one-document corpus (Tiny
+# Shakespeare: 1.1M characters) is counted and encoded on every core instead of one: training
+# 0.83 -> 0.25 s, encoding 1.57 -> 0.74 s on 2 cores, the same tokenizer and ids.
+CHAR_PIECE = 1 << 16
+_CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False}
+
+
+def char_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """Each text in pieces of about ``CHAR_PIECE`` characters, each ending at a newline (added tokens
+    such as ``<|endoftext|>`` are matched in the raw text, and none holds a newline: ``is_char_level``),
+    so that no piece boundary cuts one; a text without newlines stays whole. For character-level
+    tokenizers only."""
+    for t in texts:
+        start = 0
+        while len(t) - start > CHAR_PIECE:
+            cut = t.rfind("\n", start, start + CHAR_PIECE)
+            if cut < start:
+                cut = t.find("\n", start + CHAR_PIECE)
+                if cut < 0:
+                    break
+            yield t[start : cut + 1]
+            start = cut + 1
+        if start < len(t) or not t:
+            yield t[start:]
+
+
+def is_char_level(tok: Tokenizer) -> bool:
+    """Whether ``tok`` is lm_lab's ``char`` tokenizer (trained here or loaded from a run): every
+    character its own token and no added token holding a newline, so texts may be encoded in
+    ``char_pieces``."""
+    spec = json.loads(tok.to_str())
+    return (
+        spec["model"]["type"] == "WordLevel"
+        and spec.get("pre_tokenizer") == _CHAR_SPLIT
+        and not spec.get("normalizer")
+        and not any("\n" in a["content"] for a in spec.get("added_tokens") or [])
+    )
 
 
 def is_bert_style(tok: Tokenizer) -> bool:

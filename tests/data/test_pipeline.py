@@ -8,12 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
 from lm_lab.data.options import DataConfig
+from lm_lab.data.packing import tokenize_dataset
 from lm_lab.data.sources import DataError, load_corpus
-from lm_lab.data.tokenizer import BERT_SPECIALS, EOT, TokenizerError, load_tokenizer, save_hf, train_tokenizer
+from lm_lab.data.tokenizer import (
+    BERT_SPECIALS,
+    CHAR_PIECE,
+    EOT,
+    UNK_CHAR,
+    TokenizerError,
+    char_pieces,
+    is_char_level,
+    load_tokenizer,
+    save_hf,
+    train_tokenizer,
+)
 from lm_lab.objectives.causal_lm.data import CausalLMDataModule
 from tests.conftest import SHAKESPEARE
 
@@ -130,6 +142,31 @@ def test_trained_tokenizers_are_the_same_on_every_run(kind: str) -> None:
         assert [t.content for t in tok.get_added_tokens_decoder().values()] == BERT_SPECIALS
         assert tok.get_vocab_size() == 1000
         assert tok.encode("Unto the people").tokens == ["[CLS]", "unto", "the", "people", "[SEP]"]
+
+
+def test_char_level_corpus_in_pieces_gives_the_whole_documents_ids() -> None:
+    """A char tokenizer trains on and encodes a long document in newline-ended pieces (both cores
+    busy): the same tokenizer, and ids equal to encoding each document whole, even with a literal
+    <|endoftext|> (an added token, matched in the raw text) right at a piece's end."""
+    import datasets
+
+    text = SHAKESPEARE.read_text()
+    # The char tokenizer as tokenizers trains it on the whole text, in one piece.
+    reference = Tokenizer(models.WordLevel(unk_token=UNK_CHAR))
+    reference.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    reference.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
+    reference.train_from_iterator([text], trainer=trainer)
+    assert len(list(char_pieces([text]))) > 10
+    tok = train_tokenizer("char", iter([text]), vocab_size=100)
+    assert tok.to_str() == reference.to_str()
+    assert is_char_level(tok) and not is_char_level(train_tokenizer("bpe", TEXTS, vocab_size=300))
+    cut = text.rfind("\n", 0, CHAR_PIECE)
+    docs = [text, text[: cut - 3] + EOT + text[cut - 3 :], "", "short\n"]
+    tokenized = tokenize_dataset(datasets.Dataset.from_dict({"text": docs}), tok, eot=0)
+    for doc, ids in zip(docs, tokenized["ids"], strict=True):
+        assert ids == reference.encode(doc, add_special_tokens=False).ids + [0]
+    assert tokenized["ids"][1].count(reference.token_to_id(EOT)) == 2  # the literal one, and the separator
 
 
 def test_missing_tokenizer_directory() -> None:
