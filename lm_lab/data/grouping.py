@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 GROUPINGS = ("paragraph", "article")
 TOP_HEADING = re.compile(r"^ ?= [^=].* = ?$")  # " = Valkyria Chronicles III = "
@@ -56,6 +57,7 @@ def iter_groups(lines: Any, how: str) -> Iterator[str]:
 
 def group_rows(ds: datasets.Dataset, how: str, fingerprint: str) -> datasets.Dataset:
     """``ds`` (a ``text`` column, rows in order) with its rows joined into documents."""
+    import datasets
 
     def lines() -> Iterator[str]:
         for batch in ds.iter(batch_size=10_000):

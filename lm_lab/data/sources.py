@@ -3,6 +3,10 @@
 The result is always ``{"train": ds, "validation": ds}`` with a single ``text`` column, plus a
 fingerprint that changes whenever the text changes (used as a cache key): local files are keyed on
 a hash of their bytes, not on their names, sizes or timestamps, which a rewrite can leave unchanged.
+
+Local files (not streamed) are read only when their splits are first used: the fingerprint needs
+only their bytes and the settings, so a run whose tokens are already cached never reads the text
+through ``datasets`` (nor imports it: ~0.5 s of start-up).
 """
 
 from __future__ import annotations
@@ -12,11 +16,10 @@ import glob
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import xxhash
 
 from lm_lab.data import cache, pydocs
@@ -24,6 +27,9 @@ from lm_lab.data.grouping import GROUPINGS, group_rows
 from lm_lab.data.hub import LOCAL_DATA_FIX, hub_offline_message, hub_reachable
 from lm_lab.data.options import DataConfig
 from lm_lab.errors import DataError  # defined there: importable without datasets
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILDERS = {
     ".txt": "text",
@@ -38,12 +44,42 @@ BUILDERS = {
 TEXT_BUILDERS = {"text", "json", "csv"}
 
 
-@dataclass
 class Corpus:
-    train: Any  # datasets.Dataset or IterableDataset with a "text" column
-    validation: Any
-    fingerprint: str
-    description: str
+    """A corpus's ``train`` and ``validation`` splits (``datasets.Dataset`` or ``IterableDataset``
+    with a ``text`` column), its ``fingerprint`` (a cache key: changes whenever the text or the
+    settings that shape the splits change) and a one-line ``description``. Given ``load`` instead
+    of the splits, they are read on first use."""
+
+    def __init__(
+        self,
+        train: Any = None,
+        validation: Any = None,
+        fingerprint: str = "",
+        description: str = "",
+        *,
+        load: Callable[[], tuple[Any, Any]] | None = None,
+    ) -> None:
+        self._splits = None if load is not None else (train, validation)
+        self._load = load
+        self.fingerprint, self.description = fingerprint, description
+
+    @property
+    def loaded(self) -> bool:
+        return self._splits is not None
+
+    def _get(self) -> tuple[Any, Any]:
+        if self._splits is None:
+            assert self._load is not None
+            self._splits = self._load()
+        return self._splits
+
+    @property
+    def train(self) -> Any:
+        return self._get()[0]
+
+    @property
+    def validation(self) -> Any:
+        return self._get()[1]
 
 
 def _file_list(data_files: Any) -> list[str]:
@@ -125,7 +161,7 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
         return _carve(
             ds,
             cfg,
-            fingerprint=f"pydocs-{fingerprint}",
+            fingerprint=f"pydocs-{fingerprint}-val{cfg.val_fraction}",
             description="built-in corpus: Python's own documentation",
             contiguous=False,
         )
@@ -145,9 +181,7 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
     content = content_digest(cfg.data_files)
     kwargs: dict[str, Any] = {}
     # Rows to be grouped into documents here (lm_lab.data.grouping), or split by datasets' text loader.
-    regroup = (
-        cfg.sample_by if cfg.sample_by in GROUPINGS and (builder != "text" or cfg.sample_by == "article") else None
-    )
+    regroup = _regroup(cfg, builder)
     if regroup and cfg.streaming:
         raise DataError(
             f"data.sample_by={cfg.sample_by} groups rows into documents, which needs the whole split: "
@@ -155,12 +189,69 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
         )
     if builder == "text":
         kwargs["sample_by"] = "line" if regroup else cfg.sample_by
+    fp_parts = {
+        "builder": builder,
+        "name": cfg.name,
+        "content": content,
+        "split": cfg.split,
+        "text_column": cfg.text_column,
+        "sample_by": cfg.sample_by,
+    }
+    desc = f"{builder}" + (f"/{cfg.name}" if cfg.name else "") + (f" ({len(files)} file(s))" if files else "")
+    if files and builder in BUILDERS.values() and not cfg.streaming:
+        # Local files: datasets names the splits after data_files' keys ("train" for a file or a
+        # list), so the key needs no reading; the text is read when the splits are first used.
+        splits = [str(k) for k in cfg.data_files] if isinstance(cfg.data_files, dict) else ["train"]
+        _check_split(cfg, splits)
+        fp = _fingerprint(fp_parts, cfg, splits)
+
+        def load() -> tuple[Any, Any]:
+            loaded = _load_dataset(builder, cfg, files, content, kwargs)
+            if sorted(loaded.keys()) != sorted(splits):  # the key above assumed these split names
+                raise DataError(
+                    f"datasets read splits {sorted(loaded.keys())} from data.data_files, not {sorted(splits)}: "
+                    "name the splits with a dict (data.data_files={train: ..., validation: ...})"
+                )
+            corpus = _splits_of(loaded, cfg, files, builder, fp_parts, fp, desc)
+            return corpus.train, corpus.validation
+
+        return Corpus(fingerprint=fp, description=desc, load=load)
+    loaded = _load_dataset(builder, cfg, files, content, kwargs)
+    _check_split(cfg, list(loaded.keys()))
+    if not files:
+        fp_parts["hub_fingerprint"] = getattr(loaded[cfg.split], "_fingerprint", None)
+    return _splits_of(loaded, cfg, files, builder, fp_parts, _fingerprint(fp_parts, cfg, list(loaded.keys())), desc)
+
+
+def _regroup(cfg: DataConfig, builder: str) -> str | None:
+    """How rows are grouped into documents here (lm_lab.data.grouping); None: as datasets' loader
+    gives them (its text loader reads whole files, paragraphs or lines itself)."""
+    return cfg.sample_by if cfg.sample_by in GROUPINGS and (builder != "text" or cfg.sample_by == "article") else None
+
+
+def _check_split(cfg: DataConfig, splits: list[str]) -> None:
+    if cfg.split not in splits:
+        raise DataError(f"dataset has no split {cfg.split!r} (it has {splits}): set data.split")
+
+
+def _fingerprint(fp_parts: dict[str, Any], cfg: DataConfig, splits: list[str]) -> str:
+    """The corpus's cache key: its source (``fp_parts``) and how validation is made: a split of its
+    own, the first ``streaming_val_docs`` documents of a stream, or ``val_fraction`` carved off."""
+    if cfg.val_split and cfg.val_split in splits:
+        return hashlib.sha256(json.dumps({**fp_parts, "val": cfg.val_split}, sort_keys=True).encode()).hexdigest()[:16]
+    fp = hashlib.sha256(json.dumps(fp_parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{fp}-stream{cfg.streaming_val_docs}" if cfg.streaming else f"{fp}-val{cfg.val_fraction}"
+
+
+def _load_dataset(builder: str, cfg: DataConfig, files: list[Path], content: str | None, kwargs: dict[str, Any]) -> Any:
+    import datasets
+
     if content is not None:
         # datasets keys its own Arrow copy of local files on path and mtime, so it too would serve
         # the old text after such a rewrite; a cache directory per content makes it rebuild.
-        kwargs["cache_dir"] = str(Path(datasets.config.HF_DATASETS_CACHE) / "lm_lab" / content[:20])
+        kwargs = {**kwargs, "cache_dir": str(Path(datasets.config.HF_DATASETS_CACHE) / "lm_lab" / content[:20])}
     try:
-        loaded = datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, streaming=cfg.streaming, **kwargs)
+        return datasets.load_dataset(builder, cfg.name, data_files=cfg.data_files, streaming=cfg.streaming, **kwargs)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(
             f"could not load dataset {builder!r}: {str(e).splitlines()[0]}; offline, use {LOCAL_DATA_FIX}"
@@ -174,37 +265,31 @@ def load_corpus(cfg: DataConfig, seed: int = 0) -> Corpus:
         ) from e
     except UnicodeDecodeError as e:
         raise DataError(f"data files are not UTF-8 text ({e.reason}): convert them to UTF-8") from e
-    splits = list(loaded.keys())
-    if cfg.split not in splits:
-        raise DataError(f"dataset has no split {cfg.split!r} (it has {splits}): set data.split")
-    fp_parts = {
-        "builder": builder,
-        "name": cfg.name,
-        "content": content,
-        "split": cfg.split,
-        "text_column": cfg.text_column,
-        "sample_by": cfg.sample_by,
-    }
-    if not files:
-        fp_parts["hub_fingerprint"] = getattr(loaded[cfg.split], "_fingerprint", None)
+
+
+def _splits_of(
+    loaded: Any, cfg: DataConfig, files: list[Path], builder: str, fp_parts: dict[str, Any], fp: str, desc: str
+) -> Corpus:
+    """The train and validation splits of what ``datasets`` loaded: text only, rows grouped into
+    documents where ``data.sample_by`` asks, validation its own split or carved off."""
     rows_key = hashlib.sha256(json.dumps(fp_parts, sort_keys=True).encode()).hexdigest()[:16]
+    regroup = _regroup(cfg, builder)
     source = ", ".join(map(str, files)) or builder
     train = _text_only(loaded[cfg.split], cfg, source)
     if regroup:
         train = group_rows(train, regroup, f"lm_lab-{rows_key}-{cfg.split}")
-    desc = f"{builder}" + (f"/{cfg.name}" if cfg.name else "") + (f" ({len(files)} file(s))" if files else "")
-    if cfg.val_split and cfg.val_split in splits:
+    if cfg.val_split and cfg.val_split in loaded:
         val = _text_only(loaded[cfg.val_split], cfg, source)
         if regroup:
             val = group_rows(val, regroup, f"lm_lab-{rows_key}-{cfg.val_split}")
-        fp = hashlib.sha256(json.dumps({**fp_parts, "val": cfg.val_split}, sort_keys=True).encode()).hexdigest()[:16]
         return Corpus(train, val, fp, desc)
-    fp = hashlib.sha256(json.dumps(fp_parts, sort_keys=True).encode()).hexdigest()[:16]
     return _carve(train, cfg, fingerprint=fp, description=desc, contiguous=len(files) == 1)
 
 
 def _pydocs_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, str]:
     """The built-in corpus and a hash of its text (it is generated here, so the text is the key)."""
+    import datasets
+
     texts = [d["text"] for d in pydocs.build_documents()]
     h = xxhash.xxh3_128()
     for t in texts:
@@ -242,10 +327,12 @@ def _carve(ds: Any, cfg: DataConfig, *, fingerprint: str, description: str, cont
     is split by a seeded shuffle of documents. Streaming corpora hold out their first
     ``streaming_val_docs`` documents.
     """
-    fp = f"{fingerprint}-val{cfg.val_fraction}"
+    import datasets
+
+    fp = fingerprint  # _fingerprint's: with the -val / -stream suffix
     if isinstance(ds, datasets.IterableDataset):
         n = cfg.streaming_val_docs
-        return Corpus(ds.skip(n), ds.take(n), f"{fingerprint}-stream{n}", description)
+        return Corpus(ds.skip(n), ds.take(n), fp, description)
     n = len(ds)
     if n == 0:
         raise DataError("the corpus has no documents: check data.data_files / data.split")

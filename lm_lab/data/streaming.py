@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets.distributed import split_dataset_by_node
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
@@ -42,7 +41,11 @@ class StreamingBlocks(IterableDataset):
         world_size: int = 1,
         encode_batch: int = 64,
     ) -> None:
-        self.source = split_dataset_by_node(source, rank=rank, world_size=world_size) if world_size > 1 else source
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node  # here: importing datasets costs ~0.5 s
+
+            source = split_dataset_by_node(source, rank=rank, world_size=world_size)
+        self.source = source
         self.tok_json = tok.to_str()
         self.block_size = block_size
         self.encode_batch = encode_batch

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +220,46 @@ def test_cache_is_reused_and_keyed(tmp_path: Path) -> None:
     assert dm_for(tmp_path, **{**kw, "block_size": 32}).token_cache() == entry
     assert dm_for(tmp_path, **{**kw, "tokenizer": "bpe", "vocab_size": 300}).token_cache() != entry
     assert not list(entry.parent.glob("*.tmp-*"))
+
+
+CACHED_RUN = """
+import sys
+from lm_lab.data.options import DataConfig
+from lm_lab.objectives.causal_lm.data import CausalLMDataModule
+
+cfg = DataConfig(path="text", data_files=sys.argv[1], cache_dir=sys.argv[2], tokenizer="char", block_size=64)
+dm = CausalLMDataModule(cfg, seed=0)
+dm.prepare_data()
+dm.setup("fit")
+print(len(dm.train_set), len(dm.val_set), dm.corpus.loaded, "datasets" in sys.modules)
+"""
+
+
+def test_cached_tokens_are_served_without_reading_the_text_again(tmp_path: Path) -> None:
+    """With its tokens cached, a corpus of local files is keyed on its bytes alone and never read
+    through datasets, which a fresh process does not even import (~0.5 s of a run's start-up); a
+    rewritten file is read again, and gives its own blocks."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:200_000])
+    kw = dict(path="text", data_files=str(corpus), tokenizer="char", block_size=64)
+    dm = dm_for(tmp_path, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.corpus.loaded
+    r = subprocess.run(
+        [sys.executable, "-c", CACHED_RUN, str(corpus), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(len(dm.train_set)), str(len(dm.val_set)), "False", "False"]
+    corpus.write_text(SHAKESPEARE.read_text()[:100_000])
+    rewritten = dm_for(tmp_path, **kw)
+    rewritten.prepare_data()
+    rewritten.setup("fit")
+    assert rewritten.corpus.loaded and len(rewritten.train_set) < len(dm.train_set)
 
 
 def test_interrupted_cache_build_is_not_trusted(tmp_path: Path) -> None:

@@ -215,6 +215,7 @@ def test_ddp_losses_and_token_counts_equal_the_one_process_run(gpt_runs: dict[st
     assert two["tokens_seen"] == one["tokens_seen"] == {s: s * 16 * 64.0 for s in range(1, STEPS + 1)}
 
 
+@pytest.mark.slow  # 14-16 s; the default suite keeps the ~10-minute budget
 def test_a_run_extended_past_its_max_steps_continues_its_epoch(
     corpus: Path, cache: Path, gpt_runs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -373,6 +374,7 @@ def test_accumulated_step_has_the_gradients_of_one_big_batch(compose_cfg, corpus
     assert torch.allclose(acc, big, rtol=1e-4, atol=1e-7), (acc - big).abs().max()
 
 
+@pytest.mark.slow  # 14-16 s; the default suite keeps the ~10-minute budget
 def test_bert_without_a_pair_objective_trains_under_ddp(corpus: Path, cache: Path, tmp_path: Path) -> None:
     """objective.pair_objective=none: the pooler and NSP head feed no loss, which DDP refuses unless they
     are left out of training (they were: "parameters that were not used in producing the loss")."""
@@ -382,6 +384,7 @@ def test_bert_without_a_pair_objective_trains_under_ddp(corpus: Path, cache: Pat
     assert len(m["train/mlm_loss"]) == 3 and "train/nsp_loss" not in m
 
 
+@pytest.mark.slow  # 14-16 s; the default suite keeps the ~10-minute budget
 def test_a_stream_too_small_for_every_rank_is_one_line_before_training(
     corpus: Path, cache: Path, tmp_path: Path
 ) -> None:
