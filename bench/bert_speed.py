@@ -14,8 +14,9 @@ pair. transformers: its default attention, every batch padded to the block size 
 pipeline does), MLM head over all positions. Row 2 computes the MLM head everywhere; row 3 pads the batch to the block (which the unpadded encoder then skips).
 The ``bf16-mixed`` rows run the forward pass and loss under ``torch.autocast("cpu", torch.bfloat16)``
 (Lightning's ``trainer.precision=bf16-mixed``; fp32 weights and optimizer), for lm_lab and for
-transformers alike; lm_lab then attends in fp32 on CPU (``lm_lab.models.layers.sdpa``), transformers
-in bf16. Ratios are against transformers in fp32 (its default) and, for the bf16 row, also against
+transformers alike; lm_lab then attends on CPU as ``lm_lab.models.layers.sdpa`` does (up to 128
+positions as math with bf16 matmuls and an fp32 softmax, longer sequences by the fused kernel in
+fp32), transformers with SDPA on the bf16 tensors. Ratios are against transformers in fp32 (its default) and, for the bf16 row, also against
 transformers under the same autocast. bf16 needs a CPU with AVX512-BF16 or AMX to be fast
 (``--precision fp32`` leaves those rows out).
 Reported: the median over ``repeats`` timings of ``steps`` steps; the implementations take turns
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     bf16 = args.precision == "both"
     if bf16:
-        impls["lm_lab, bf16-mixed (attention in fp32)"] = Ours(cfg, True, True, args.block, bf16=True)
+        impls["lm_lab, bf16-mixed (lm_lab's CPU attention)"] = Ours(cfg, True, True, args.block, bf16=True)
     hf = HF(cfg, args.block)
     if bf16:
         impls[f"transformers, bf16-mixed ({hf.attn}, padded, full head)"] = HF(cfg, args.block, bf16=True)

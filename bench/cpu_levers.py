@@ -14,7 +14,7 @@ compile time included, is in ``bench/shakespeare_char.py``.
 
 ``--precision`` measures mixed precision instead: matmul rates in fp32 and bf16 at the recipe's and
 BERT-Mini's shapes, SDPA forward + backward in fp32 and bf16 (flash and math kernels), and whole
-steps in fp32, in ``bf16-mixed`` as lm_lab runs it (autocast; attention in fp32 on CPU:
+steps in fp32, in ``bf16-mixed`` as lm_lab runs it (autocast; lm_lab's CPU attention:
 ``lm_lab.models.layers.sdpa``) and in ``bf16-mixed`` with SDPA called on the bf16 tensors as they
 come (PyTorch's behaviour, patched in here for the comparison).
 
@@ -293,7 +293,7 @@ def main() -> None:
         precision_tables()
         variants = [
             Variant("eager, fp32 (32-true)", base, False),
-            Variant("eager, bf16-mixed as lm_lab runs it (attention in fp32)", base, False, bf16=True),
+            Variant("eager, bf16-mixed as lm_lab runs it (lm_lab's CPU attention)", base, False, bf16=True),
             Variant("eager, bf16-mixed, SDPA on bf16 (PyTorch as called)", base, False, True, sdpa_as_called),
             Variant("eager, bf16-mixed (lm_lab), AdamW foreach", base, False, bf16=True, foreach=True),
         ]

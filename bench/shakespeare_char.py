@@ -9,7 +9,7 @@ no dropout, no bias; 20 validation batches every 250 steps):
 - ``lm_lab``: ``python train.py experiment=nanogpt_shakespeare_char_cpu`` as a user runs it (a
   fresh process: imports, data loading, tokenizer, Lightning, validation, checkpoints, CSV log).
   The recipe has ``trainer.precision=auto``: ``bf16-mixed`` on CPUs with AVX512-BF16/AMX (attention
-  kept in fp32 on CPU), ``32-true`` elsewhere.
+  by ``lm_lab.models.layers.sdpa``'s CPU paths), ``32-true`` elsewhere.
 - ``lm_lab, 32-true`` (only with ``--fp32``): the same with ``trainer.precision=32-true``, the
   plain loop's arithmetic.
 - ``plain loop``: nanoGPT's ``train.py`` algorithm written out in plain PyTorch in a fresh process

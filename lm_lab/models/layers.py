@@ -61,14 +61,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: typing.Any
     sequences of up to ``CPU_BF16_MATH_ATTENTION_MAX_LEN`` positions are attended as plain math with
     bf16 matmuls and an fp32 softmax (what SDPA's own math path does with bf16 inputs, and faster than
     either fused kernel at these lengths); longer ones by the fused kernel in fp32, cast back to bf16.
-    With attention dropout (no fused CPU kernel) the math runs in fp32 with ``dropout``'s faster mask.
-    Elsewhere (GPUs, fp32 on CPU) SDPA is called as is.
+    With attention dropout (no fused CPU kernel) the math runs with ``dropout``'s faster mask (bf16
+    matmuls under the same rule, fp32 otherwise). Elsewhere (GPUs, fp32 on CPU without dropout) SDPA
+    is called as is.
     """
-    if q.device.type == "cpu" and kwargs.get("dropout_p", 0.0) > 0.0:
-        return _cpu_attention_math(q, k, v, **kwargs)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        if q.dtype == torch.bfloat16 and max(q.size(-2), k.size(-2)) <= CPU_BF16_MATH_ATTENTION_MAX_LEN:
-            return _cpu_attention_math(q, k, v, matmul_dtype=torch.bfloat16, **kwargs)
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    short_bf16 = q.dtype == torch.bfloat16 and max(q.size(-2), k.size(-2)) <= CPU_BF16_MATH_ATTENTION_MAX_LEN
+    if short_bf16 or kwargs.get("dropout_p", 0.0) > 0.0:
+        return _cpu_attention_math(q, k, v, matmul_dtype=torch.bfloat16 if short_bf16 else torch.float32, **kwargs)
+    if q.dtype in (torch.bfloat16, torch.float16):
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs["attn_mask"] = mask.float()

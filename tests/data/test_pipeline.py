@@ -98,9 +98,13 @@ def test_hub_dataset_offline_fails_fast_with_fix(monkeypatch: pytest.MonkeyPatch
 
 
 def test_missing_text_column(tmp_path: Path) -> None:
+    """Local files are read when their splits are first used (a run with cached tokens never reads
+    them): a bad column is reported then, before any tokenizer is trained on them."""
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
+    corpus = load_corpus(DataConfig(path=None, data_files=str(tmp_path / "a.jsonl")))
+    assert not corpus.loaded
     with pytest.raises(DataError, match=r"column 'text' not in the dataset.*data\.text_column"):
-        load_corpus(DataConfig(path=None, data_files=str(tmp_path / "a.jsonl")))
+        _ = corpus.train
 
 
 # ---------------------------------------------------------------- tokenizers
