@@ -47,8 +47,8 @@ def attention(
 
 # Under CPU autocast, attention over at most this many positions runs as plain math with bf16
 # matmuls (``_cpu_attention_math``): faster than PyTorch's fused kernel in fp32 at short lengths,
-# slower past it (forward + backward, bf16 math / fp32 fused: 0.80x at 64 positions, 0.87x at 128,
-# 0.99x at 256, 1.19x at 512; ``bench/cpu_levers.py --attention``).
+# slower past it (forward + backward, bf16 math / fp32 fused: 0.88x at 64 positions (causal), 0.69x at
+# 128 (padding mask), 1.52x at 256, 1.60x at 512; ``bench/cpu_levers.py --attention``, docs/benchmarks.md).
 CPU_BF16_MATH_ATTENTION_MAX_LEN = 128
 
 
