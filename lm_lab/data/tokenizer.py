@@ -76,8 +76,8 @@ def _wordpiece_shell(vocab: dict[str, int] | None, lowercase: bool, strip_accent
 def _train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool, strip_accents: bool | None) -> Tokenizer:
     """``tokenizers``' WordPieceTrainer, made deterministic.
 
-    The trainer (tokenizers <= 0.22, huggingface/tokenizers#1794) numbers the ``##`` continuation
-    characters in hash-map order, which changes from run to run, and breaks ties between equally
+    The trainer (tokenizers 0.23.3, the pinned version; huggingface/tokenizers#1794) numbers the
+    ``##`` continuation characters in hash-map order, which changes from run to run, and breaks ties between equally
     frequent merges by those numbers: the same corpus gave a different vocabulary on every fresh
     cache (4 runs on Tiny Shakespeare, 4 vocabularies). Here those characters are found first (the
     trainer's own normalizer and pre-tokenizer, every character after a word's first) and handed to
