@@ -320,7 +320,8 @@ def _text_only(ds: Any, cfg: DataConfig, source: str) -> Any:
 
 
 def _carve(ds: Any, cfg: DataConfig, *, fingerprint: str, description: str, contiguous: bool) -> Corpus:
-    """Split off ``val_fraction`` for validation, deterministically.
+    """Split off ``val_fraction`` for validation, deterministically. ``fingerprint`` is the corpus's
+    key as ``_fingerprint`` made it (with its ``-val`` / ``-stream`` suffix).
 
     A single-file corpus is split contiguously at the end of its text (nanoGPT's convention:
     a one-document file is cut at character ``len * (1 - val_fraction)``); a multi-document corpus
@@ -329,10 +330,9 @@ def _carve(ds: Any, cfg: DataConfig, *, fingerprint: str, description: str, cont
     """
     import datasets
 
-    fp = fingerprint  # _fingerprint's: with the -val / -stream suffix
     if isinstance(ds, datasets.IterableDataset):
         n = cfg.streaming_val_docs
-        return Corpus(ds.skip(n), ds.take(n), fp, description)
+        return Corpus(ds.skip(n), ds.take(n), fingerprint, description)
     n = len(ds)
     if n == 0:
         raise DataError("the corpus has no documents: check data.data_files / data.split")
@@ -341,9 +341,9 @@ def _carve(ds: Any, cfg: DataConfig, *, fingerprint: str, description: str, cont
         cut = int(len(text) * (1 - cfg.val_fraction))
         train = datasets.Dataset.from_dict({"text": [text[:cut]]})
         val = datasets.Dataset.from_dict({"text": [text[cut:]]})
-        return Corpus(train, val, fp, description)
+        return Corpus(train, val, fingerprint, description)
     n_val = max(1, int(round(n * cfg.val_fraction)))
     if contiguous:
-        return Corpus(ds.select(range(n - n_val)), ds.select(range(n - n_val, n)), fp, description)
+        return Corpus(ds.select(range(n - n_val)), ds.select(range(n - n_val, n)), fingerprint, description)
     parts = ds.train_test_split(test_size=n_val, seed=1234, shuffle=True)
-    return Corpus(parts["train"], parts["test"], fp, description)
+    return Corpus(parts["train"], parts["test"], fingerprint, description)
