@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SHAKESPEARE
-from tests.training.test_distributed import GPT, assert_same_curves, metrics, samples_per_step, trace, train
+from tests.training.test_distributed import GPT, TOL, assert_same_curves, metrics, samples_per_step, trace, train
 
 TRAIN = str(REPO / "train.py")
 STEPS = 12
@@ -176,8 +176,12 @@ def test_two_torchrun_nodes_killed_and_relaunched_resume_exactly(corpus: Path, o
     assert all("tokenized corpus found in cache" in out for out in outs)
     for cache in caches:
         assert len(entries(cache / "tokens")) == 1
-    # val/loss of the checkpoint's step may have died with the killed run (it is computed after the save).
-    assert_same_curves(one_node, run, keys=("train/loss",))
+    # val/loss of the checkpoint's step may have died with the killed run (it is computed after the save),
+    # and so may that step's train/loss row: Lightning logs a step after on_train_batch_end, where the
+    # checkpoint is written, so a SIGKILL in between loses that one row (as in test_resume's chain).
+    want, got = metrics(one_node)["train/loss"], metrics(run)["train/loss"]
+    assert set(got) <= set(want) and set(want) - set(got) <= {killed_at}, sorted(set(want) ^ set(got))
+    assert max(abs(got[s] - want[s]) for s in got) <= TOL
     report(f"2 torchrun nodes killed at step {killed_at} and resumed vs uninterrupted", one_node, run)
     assert abs(metrics(run)["val/loss"][STEPS] - metrics(one_node)["val/loss"][STEPS]) <= 1e-5
     assert samples_per_step(run) == samples_per_step(one_node)
