@@ -1,4 +1,12 @@
-"""Sampling from any decoder: ``net(ids) -> logits (B, T, V)`` and ``net.config.max_seq_len``."""
+"""Sampling from any decoder: ``net(ids) -> logits (B, T, V)`` and ``net.config.max_seq_len``.
+
+A decoder with ``new_kv_cache()`` (GPT, Llama; ``lm_lab.models.layers.KVCache``) reads the prompt
+once and then each new token alone, reusing the keys and values of the positions before it, for as
+long as the sequence fits ``max_seq_len``. Past that, every step re-reads the last ``max_seq_len``
+tokens, as without a cache: the positions of a cropped window are renumbered from 0 (and every key
+depends on the tokens before it in the window), so cached keys would no longer be the ones the
+window gives.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +33,14 @@ def generate(
     row has produced ``eos_token_id``.
     """
     window = net.config.max_seq_len
+    new_cache = getattr(net, "new_kv_cache", None)
+    cache = new_cache() if callable(new_cache) else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = net(idx[:, -window:])[:, -1, :].float()  # (B, V)
+        if cache is not None and idx.size(1) <= window:
+            logits = net(idx[:, cache.length :], kv_cache=cache)[:, -1, :].float()  # the prompt, then one token
+        else:
+            logits = net(idx[:, -window:])[:, -1, :].float()  # (B, V)
         next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         idx = torch.cat([idx, next_id], dim=1)
         if eos_token_id is not None:

@@ -232,6 +232,54 @@ def causal_attention(
     return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=enable_gqa)
 
 
+class LayerKV:
+    """One layer's cached keys and values, (B, nkv, S, hs) each."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' keys and values; returns all of them, the new ones last."""
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """The keys and values of every position a decoder has read, per layer, for generation.
+
+    A forward pass given the cache reads its ``T`` tokens as positions ``length .. length + T - 1``
+    (attending to all ``length`` cached ones and causally among themselves), appends their keys and
+    values, and advances ``length``. ``lm_lab.models.generation.generate`` then runs each new token
+    through the network alone instead of re-reading the whole window. Inference only: no document
+    masks, no dropout.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerKV() for _ in range(n_layer)]
+        self.length = 0
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        """(1, t): the positions of ``t`` tokens that follow the cached ones."""
+        return torch.arange(self.length, self.length + t, device=device)[None]
+
+
+def cached_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, *, enable_gqa: bool = False
+) -> torch.Tensor:
+    """Attention of ``T`` new queries (positions ``past .. past + T - 1``) over ``past + T`` keys (the
+    cached ones first): each query sees every cached key and the new keys up to its own position."""
+    t = q.size(-2)
+    if past == 0:
+        return sdpa(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if t == 1:
+        return sdpa(q, k, v, enable_gqa=enable_gqa)
+    mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril_(diagonal=past)
+    return sdpa(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),

@@ -20,6 +20,9 @@ from lm_lab.models.layers import (
     ACTIVATIONS,
     AttentionMask,
     Dropout,
+    KVCache,
+    LayerKV,
+    cached_causal_attention,
     causal_attention,
     causal_document_mask,
     document_positions,
@@ -84,10 +87,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask | None = None, cache: LayerKV | None = None, past: int = 0
+    ) -> torch.Tensor:
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)  # 3 x (B, T, C)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, nh, T, hs)
-        y = causal_attention(q, k, v, mask=mask, dropout=self.dropout if self.training else 0.0)
+        if cache is not None:  # generation: x holds the positions after the `past` cached ones
+            y = cached_causal_attention(q, *cache.append(k, v), past)
+        else:
+            y = causal_attention(q, k, v, mask=mask, dropout=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
@@ -113,8 +121,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask | None = None, cache: LayerKV | None = None, past: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, past)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -136,6 +146,7 @@ class GPTBackbone(nn.Module):
         input_ids: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
         **_: typing.Any,
     ) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states. Causal: right padding needs no mask (a position
@@ -143,8 +154,11 @@ class GPTBackbone(nn.Module):
 
         ``document_ids`` (B, T) (``layers.document_ids``): attend only within each document, with
         positions restarting per document when ``config.document_positions``. ``position_ids``
-        (B, T) or (T,): explicit positions (default 0..T-1)."""
+        (B, T) or (T,): explicit positions (default 0..T-1). ``kv_cache`` (``new_kv_cache()``,
+        generation): the tokens follow the cached positions, whose keys and values are reused."""
         t = input_ids.size(1)
+        if kv_cache is not None:
+            return self._cached_forward(input_ids, kv_cache, document_ids, position_ids)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
         mask = None
@@ -158,6 +172,24 @@ class GPTBackbone(nn.Module):
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
             x = block(x, mask)
+        return self.ln_f(x)
+
+    def _cached_forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        document_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if document_ids is not None or position_ids is not None:
+            raise ValueError("kv_cache reads plain positions after the cached ones: no document_ids/position_ids")
+        t, past = input_ids.size(1), cache.length
+        if past + t > self.config.max_seq_len:
+            raise ValueError(f"{past} cached + {t} new tokens exceed model.max_seq_len={self.config.max_seq_len}")
+        x = self.drop(self.wte(input_ids) + self.wpe(cache.positions(t, input_ids.device)))
+        for block, layer_cache in zip(self.h, cache.layers, strict=True):
+            x = block(x, None, layer_cache, past)
+        cache.length += t
         return self.ln_f(x)
 
 
@@ -194,6 +226,10 @@ class GPT(nn.Module):
         with T the length the model is trained at (the data's block size, not model.max_seq_len)."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty key/value cache for ``forward(..., kv_cache=)`` (used by ``generate``)."""
+        return KVCache(self.config.n_layer)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: typing.Any) -> torch.Tensor:
         """Sample continuations of ``idx`` (B, T); see ``lm_lab.models.generation.generate``."""

@@ -22,6 +22,9 @@ from lm_lab.models.generation import generate
 from lm_lab.models.layers import (
     AttentionMask,
     Dropout,
+    KVCache,
+    LayerKV,
+    cached_causal_attention,
     causal_attention,
     causal_document_mask,
     document_positions,
@@ -210,11 +213,20 @@ class Attention(nn.Module):
         self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+        cache: LayerKV | None = None,
+        past: int = 0,
     ) -> torch.Tensor:
         q = apply_rotary(split_heads(self.q_proj(x), self.n_head), cos, sin)  # (B, nh, T, hs)
         k = apply_rotary(split_heads(self.k_proj(x), self.n_kv_head), cos, sin)  # (B, nkv, T, hs)
         v = split_heads(self.v_proj(x), self.n_kv_head)
+        if cache is not None:  # generation: x holds the positions after the `past` cached ones
+            y = cached_causal_attention(q, *cache.append(k, v), past, enable_gqa=self.n_kv_head != self.n_head)
+            return self.resid_dropout(self.o_proj(merge_heads(y)))
         y = causal_attention(
             q,
             k,
@@ -251,9 +263,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+        cache: LayerKV | None = None,
+        past: int = 0,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, past)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -275,6 +293,7 @@ class LlamaBody(nn.Module):
         idx: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
         **_: typing.Any,
     ) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) hidden states. Causal: right padding needs no mask;
@@ -282,7 +301,10 @@ class LlamaBody(nn.Module):
 
         ``document_ids`` (B, T) (``layers.document_ids``): attend only within each document, with
         positions restarting per document when ``config.document_positions``. ``position_ids``
-        (B, T): explicit positions (default 0..T-1)."""
+        (B, T): explicit positions (default 0..T-1). ``kv_cache`` (``Llama.new_kv_cache()``,
+        generation): the tokens follow the cached positions, whose keys and values are reused."""
+        if kv_cache is not None:
+            return self._cached_forward(idx, kv_cache, document_ids, position_ids)
         mask = None
         if document_ids is not None:
             flex = use_flex(idx.device, self.config.dropout if self.training else 0.0)
@@ -293,6 +315,25 @@ class LlamaBody(nn.Module):
         cos, sin = self.rotary_emb(idx.size(1), x.dtype, position_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def _cached_forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        document_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if document_ids is not None or position_ids is not None:
+            raise ValueError("kv_cache reads plain positions after the cached ones: no document_ids/position_ids")
+        t, past = idx.size(1), cache.length
+        if past + t > self.config.max_seq_len:
+            raise ValueError(f"{past} cached + {t} new tokens exceed model.max_seq_len={self.config.max_seq_len}")
+        x = self.drop(self.embed_tokens(idx))
+        cos, sin = self.rotary_emb(t, x.dtype, cache.positions(t, idx.device))
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, None, layer_cache, past)
+        cache.length += t
         return self.norm(x)
 
 
@@ -360,9 +401,12 @@ class Llama(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
+    def new_kv_cache(self) -> KVCache:
+        """An empty key/value cache for ``forward(..., kv_cache=)`` (used by ``generate``)."""
+        return KVCache(self.config.n_layer)
+
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: typing.Any) -> torch.Tensor:
-        """Sample continuations of ``idx`` (B, T); see ``lm_lab.models.generation.generate`` (no KV
-        cache: each step re-reads the last ``max_seq_len`` tokens)."""
+        """Sample continuations of ``idx`` (B, T); see ``lm_lab.models.generation.generate``."""
         return generate(self, idx, max_new_tokens, **kwargs)
 
 
