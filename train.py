@@ -8,7 +8,6 @@ the optimized metric for sweepers.
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import shlex
@@ -598,12 +597,9 @@ if __name__ == "__main__":
     if moved:
         print(f"error: {moved}", file=sys.stderr)
         sys.exit(2)
-    try:
-        main()
-    finally:
-        # The process ends here. Python's shutdown runs full garbage collections over every object
-        # torch, Lightning and datasets created: 1.2-1.7 s of a run (docs/benchmarks.md). Frozen
-        # objects are skipped by them and still freed by reference counting; atexit handlers (W&B,
-        # logging) run as before. Only here, never inside train(): a Hydra multirun calls it once
-        # per job in one process, where frozen cycles would never be collected.
-        gc.freeze()
+    from lm_lab.training.console import run_command
+
+    def _process() -> None:
+        main()  # Hydra's main returns the swept metric (for sweepers), not an exit code
+
+    run_command(_process)

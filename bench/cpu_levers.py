@@ -2,6 +2,7 @@
 
     python bench/cpu_levers.py [--steps 40] [--repeats 5] [--threads 2]
     python bench/cpu_levers.py --precision [--steps 40] [--repeats 5]
+    python bench/cpu_levers.py --generation [--repeats 5]
 
 One process; the network is the recipe's (4 layers, 4 heads, 128 dims, block 64, batch 12, vocab 67,
 no bias), trained on random windows of Tiny Shakespeare. Each variant gets its own copy of the same
@@ -26,6 +27,12 @@ one by one (regional compilation: the four blocks share one graph), compile time
 math path with bf16 matmuls (``layers._cpu_attention_math``, what ``sdpa`` runs up to
 ``CPU_BF16_MATH_ATTENTION_MAX_LEN`` positions) against PyTorch's fused kernel in fp32 (what it runs
 beyond, and at every length before), at several lengths; then whole bf16-mixed steps with each.
+
+``--generation`` times sampling from the recipe's network (batch 1, prompt of one token, as the
+recipe's validation samples and ``lm-lab-generate`` run it) with the key/value cache
+(``lm_lab.models.generation.generate``, ``layers.KVCache``) against the same loop re-reading the
+window at every step (the network without ``new_kv_cache``: generation before the cache); both
+produce the same tokens from the same seed, which the script checks.
 
 ``--optimizer`` measures AdamW's three CPU implementations: the optimizer step alone on the recipe's
 804,352 parameters (for-loop, PyTorch's CPU default; ``foreach``; ``fused``, lm_lab's default since
@@ -233,6 +240,40 @@ def optimizer_table(base: GPT, repeats: int, calls: int = 20) -> None:
         print(f"| {name} | {statistics.median(t):.2f} | {statistics.median(t) / first:.2f}x |")
 
 
+class _WithoutCache(torch.nn.Module):
+    """The network as generation saw it before the key/value cache: no ``new_kv_cache``."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.config = net, net.config
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+
+def generation_table(base: GPT, repeats: int) -> None:
+    from lm_lab.models.generation import generate
+
+    net = base.eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    sides = {"re-reading the window": _WithoutCache(net), "key/value cache (lm_lab now)": net}
+    print(f"\nsampling from the recipe's network (batch 1, one-token prompt); median of {repeats}\n")
+    print("| new tokens | re-reading the window, ms | key/value cache, ms | cache / window |")
+    print("| ---: | ---: | ---: | ---: |")
+    for n in (64, 200):
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        outs = {}
+        for _ in range(repeats):
+            for name, model in sides.items():
+                t0 = time.perf_counter()
+                outs[name] = generate(model, prompt, n, generator=torch.Generator().manual_seed(0))
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        a, b = (outs[k] for k in sides)
+        assert torch.equal(a, b), "the cache changed the sampled tokens"
+        w, c = (statistics.median(times[k]) for k in sides)
+        print(f"| {n} | {w:.1f} | {c:.1f} | {c / w:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per timed repeat")
@@ -243,6 +284,7 @@ def main() -> None:
     p.add_argument("--regional", action="store_true", help="bf16-mixed eager vs compiled blocks (regional compilation)")
     p.add_argument("--optimizer", action="store_true", help="AdamW for-loop vs foreach vs fused (alone and in steps)")
     p.add_argument("--attention", action="store_true", help="bf16-mixed attention: fused fp32 kernel vs bf16 math")
+    p.add_argument("--generation", action="store_true", help="sampling with the key/value cache vs without")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,6 +301,9 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=67, n_layer=4, n_head=4, n_embd=128, max_seq_len=T, dropout=0.0, bias=False)
     cfg.activation = "gelu"
     base = GPT(cfg)
+    if args.generation:
+        generation_table(base, args.repeats)
+        return
     if args.regional:
         variants = [
             Variant("eager, bf16-mixed (lm_lab), AdamW fused", base, False, bf16=True, fused=True),

@@ -5,9 +5,13 @@
 Rows (each a fresh process, alternating, median of repeats; the corpus is already tokenized in the
 cache, as from a user's second run):
 
-- ``python -c "import torch"`` and ``python -c "import torch, lightning"``: the floor a Lightning
-  program cannot go below (Lightning's import pulls in ``torch._dynamo`` and torchmetrics, which
-  imports scipy.signal and transformers when they are installed).
+- ``python -c "import torch"`` and ``python -c "import torch, lightning"``, process start to the end
+  of the import: the floor a Lightning program cannot go below (Lightning's import pulls in
+  ``torch._dynamo`` and torchmetrics, which imports scipy.signal, matplotlib and transformers when
+  they are installed).
+- the same import to the process's exit, without and with ``gc.freeze()`` as the last statement:
+  what Python's shutdown costs after it, and what ``lm_lab.training.console.run_command`` (the end of
+  ``train.py`` and the ``lm-lab-*`` commands) saves of that.
 - ``train.py experiment=nanogpt_shakespeare_char_cpu logger=csv``: to the end of step 1 (the
   time stamp of its first progress line in train.log).
 - the same with the default loggers (W&B offline + CSV).
@@ -29,8 +33,24 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def bare(code: str) -> float:
+def bare(modules: str) -> float:
+    """Process start to the end of ``import <modules>`` (not to the process's exit: Python's shutdown
+    after such an import takes another ~1.3 s, which a train.py run's first step never waits for)."""
     t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", f"import time; import {modules}; print(time.time())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out.split()[-1]) - t0
+
+
+def process_end(modules: str, freeze: bool) -> float:
+    """Process start to its exit after ``import <modules>``: the import plus Python's shutdown, with or
+    without ``gc.freeze()`` as the last statement (what ``lm_lab.training.console.run_command`` does)."""
+    t0 = time.time()
+    code = f"import gc; import {modules}" + ("; gc.freeze()" if freeze else "")
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.time() - t0
 
@@ -67,8 +87,10 @@ def main() -> None:
         work = Path(root)
         first_step(args.data.resolve(), work, "csv")  # tokenize the corpus once (not timed)
         rows = {
-            "python -c 'import torch'": lambda: bare("import torch"),
-            "python -c 'import torch, lightning'": lambda: bare("import torch, lightning"),
+            "python -c 'import torch'": lambda: bare("torch"),
+            "python -c 'import torch, lightning'": lambda: bare("torch, lightning"),
+            "the same, to the process's exit": lambda: process_end("torch, lightning", freeze=False),
+            "the same, to the exit, gc.freeze() last": lambda: process_end("torch, lightning", freeze=True),
             "train.py ... logger=csv: start to end of step 1": lambda: first_step(args.data.resolve(), work, "csv"),
             "train.py ... (default loggers: W&B offline + CSV)": lambda: first_step(
                 args.data.resolve(), work, "default"

@@ -71,5 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The ``lm-lab-*`` console script and ``python -m``: ``main()`` as the whole process."""
+    from lm_lab.training.console import run_command
+
+    run_command(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
