@@ -111,6 +111,25 @@ def test_console_scripts_run() -> None:
         assert r.returncode == 0 and "usage:" in r.stdout, (name, r.stderr[-2000:])
 
 
+@pytest.mark.parametrize(
+    "script,args",
+    [("lm-lab-generate", []), ("lm-lab-export", ["out"]), ("lm-lab-fill-mask", ["The [MASK] is here."])],
+)
+def test_console_script_errors_keep_their_exit_code(script: str, args: list[str], tmp_path: Path) -> None:
+    """The cli entry (main() as the whole process, lm_lab.training.console.run_command) keeps main's
+    exit code and its one-line error, and writes nothing."""
+    tomllib = pytest.importorskip("tomllib")
+    module, func = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][script].split(":")
+    code = f"import sys; sys.argv[0] = {script!r}; from {module} import {func}; sys.exit({func}())"
+    missing = str(tmp_path / "missing.ckpt")
+    r = subprocess.run(
+        [sys.executable, "-c", code, missing, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "missing.ckpt" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_default_run_no_arguments(tmp_path: Path, shared_cache: Path) -> None:
     r = run_train([], tmp_path, shared_cache, timeout=900, HF_HUB_OFFLINE="1")

@@ -71,6 +71,12 @@ def test_cached_generation_equals_uncached_within_and_past_the_window(kind: str)
         with torch.no_grad():
             reference = without_cache(net, prompt, 40, **kw, **seeded)
         assert torch.equal(ours, reference), kw
+    # A prompt longer than the window: the cache is never used, the window is read at every step.
+    long_prompt = torch.randint(0, V, (1, WINDOW + 3))
+    with torch.no_grad():
+        assert torch.equal(
+            generate(net, long_prompt, 5, temperature=0.0), without_cache(net, long_prompt, 5, temperature=0.0)
+        )
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
