@@ -3,6 +3,8 @@ Hugging Face's own cached decoding."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -117,3 +119,22 @@ def test_cached_attention_under_cpu_bf16_autocast_matches_the_full_forward() -> 
         steps = [net(x[:, :4], kv_cache=cache)] + [net(x[:, i : i + 1], kv_cache=cache) for i in range(4, WINDOW)]
     # bf16 rounding of activations computed in other groupings: within bf16's resolution of the logits.
     assert (torch.cat(steps, dim=1).float() - full).abs().max().item() <= 0.05
+
+
+def test_generation_runs_a_compiled_network_eagerly() -> None:
+    """compile=true compiles the network for training; sampling (a new length at every step) runs it
+    eagerly (``torch.compiler.set_stance("force_eager")``) instead of compiling a graph per length."""
+    from torch._dynamo.utils import counters
+
+    net = network("gpt")
+    compiled = copy.deepcopy(net)
+    compiled.compile(backend="eager")
+    prompt = torch.randint(0, V, (1, 3))
+    torch._dynamo.reset()
+    counters.clear()
+    out = generate(compiled, prompt, 10, temperature=0.0)
+    assert sum(counters["frames"].values()) == 0, dict(counters["frames"])
+    assert torch.equal(out, generate(net, prompt, 10, temperature=0.0))
+    with torch.no_grad():
+        compiled(prompt)  # outside generation the compiled module does compile: the counter sees it
+    assert sum(counters["frames"].values()) > 0
