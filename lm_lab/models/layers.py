@@ -261,6 +261,17 @@ class KVCache:
         self.layers = [LayerKV() for _ in range(n_layer)]
         self.length = 0
 
+    def check(
+        self, t: int, max_seq_len: int, document_ids: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> int:
+        """Whether a network may read ``t`` more tokens through the cache (plain positions, at most
+        ``max_seq_len`` in all); returns the number of cached positions."""
+        if document_ids is not None or position_ids is not None:
+            raise ValueError("kv_cache reads plain positions after the cached ones: no document_ids/position_ids")
+        if self.length + t > max_seq_len:
+            raise ValueError(f"{self.length} cached + {t} new tokens exceed model.max_seq_len={max_seq_len}")
+        return self.length
+
     def positions(self, t: int, device: torch.device) -> torch.Tensor:
         """(1, t): the positions of ``t`` tokens that follow the cached ones."""
         return torch.arange(self.length, self.length + t, device=device)[None]

@@ -181,11 +181,8 @@ class GPTBackbone(nn.Module):
         document_ids: torch.Tensor | None,
         position_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        if document_ids is not None or position_ids is not None:
-            raise ValueError("kv_cache reads plain positions after the cached ones: no document_ids/position_ids")
-        t, past = input_ids.size(1), cache.length
-        if past + t > self.config.max_seq_len:
-            raise ValueError(f"{past} cached + {t} new tokens exceed model.max_seq_len={self.config.max_seq_len}")
+        t = input_ids.size(1)
+        past = cache.check(t, self.config.max_seq_len, document_ids, position_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(cache.positions(t, input_ids.device)))
         for block, layer_cache in zip(self.h, cache.layers, strict=True):
             x = block(x, None, layer_cache, past)

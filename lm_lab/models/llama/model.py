@@ -324,11 +324,8 @@ class LlamaBody(nn.Module):
         document_ids: torch.Tensor | None,
         position_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        if document_ids is not None or position_ids is not None:
-            raise ValueError("kv_cache reads plain positions after the cached ones: no document_ids/position_ids")
-        t, past = idx.size(1), cache.length
-        if past + t > self.config.max_seq_len:
-            raise ValueError(f"{past} cached + {t} new tokens exceed model.max_seq_len={self.config.max_seq_len}")
+        t = idx.size(1)
+        past = cache.check(t, self.config.max_seq_len, document_ids, position_ids)
         x = self.drop(self.embed_tokens(idx))
         cos, sin = self.rotary_emb(t, x.dtype, cache.positions(t, idx.device))
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
