@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from lm_lab.errors import CheckpointError, DataError
 from lm_lab.schema import ConfigError
+from lm_lab.training.console import run_command
 
 TASKS = ("perplexity", "multiple-choice", "mlm", "classify")
 
@@ -731,8 +732,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The ``lm-lab-*`` console script and ``python -m``: ``main()`` as the whole process."""
-    from lm_lab.training.console import run_command
-
     run_command(main)
 
 

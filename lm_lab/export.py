@@ -19,6 +19,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from lm_lab.training.console import run_command
+
 
 def hf_files(task: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config dict, state dict) in Hugging Face layout for a loaded task, by its network's mapping
@@ -96,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The ``lm-lab-*`` console script and ``python -m``: ``main()`` as the whole process."""
-    from lm_lab.training.console import run_command
-
     run_command(main)
 
 

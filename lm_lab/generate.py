@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lm_lab.training.console import run_command
+
 
 def load_source(source: str | Path) -> Any:
     """A decoder's ``CausalLMTask`` (eval mode) from a ``.ckpt`` or an exported HF directory."""
@@ -79,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The ``lm-lab-*`` console script and ``python -m``: ``main()`` as the whole process."""
-    from lm_lab.training.console import run_command
-
     run_command(main)
 
 

@@ -84,7 +84,7 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
     with the garbage collector frozen first.
 
     Python's shutdown runs full collections over every object torch, Lightning and datasets made:
-    1.2-1.7 s after the last line a command prints, on 2 CPU cores (``docs/benchmarks.md``). Frozen
+    1.2-2.4 s after the last line a command prints, on 2 CPU cores (``docs/benchmarks.md``). Frozen
     objects are skipped by those collections and still freed by reference counting; atexit handlers
     (W&B's, logging's) run as before. Only for a process that ends here: a frozen cycle is never
     collected, so never inside ``train()`` (a Hydra multirun calls it once per job in one process) or

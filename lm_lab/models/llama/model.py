@@ -224,17 +224,11 @@ class Attention(nn.Module):
         q = apply_rotary(split_heads(self.q_proj(x), self.n_head), cos, sin)  # (B, nh, T, hs)
         k = apply_rotary(split_heads(self.k_proj(x), self.n_kv_head), cos, sin)  # (B, nkv, T, hs)
         v = split_heads(self.v_proj(x), self.n_kv_head)
+        gqa = self.n_kv_head != self.n_head
         if cache is not None:  # generation: x holds the positions after the `past` cached ones
-            y = cached_causal_attention(q, *cache.append(k, v), past, enable_gqa=self.n_kv_head != self.n_head)
-            return self.resid_dropout(self.o_proj(merge_heads(y)))
-        y = causal_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            dropout=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+            y = cached_causal_attention(q, *cache.append(k, v), past, enable_gqa=gqa)
+        else:
+            y = causal_attention(q, k, v, mask=mask, dropout=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.resid_dropout(self.o_proj(merge_heads(y)))
 
 
