@@ -146,6 +146,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         )
     _check_budget(cfg.trainer)
     _check_seed(cfg.get("seed"))
+    _check_samples(cfg.get("sample_prompt"), cfg.get("sample_tokens"))
     allow_data_change = cfg.get("allow_data_change", False)
     if not isinstance(allow_data_change, bool):
         raise ConfigError(f"allow_data_change={allow_data_change!r} must be true or false")
@@ -381,6 +382,19 @@ def _check_seed(seed: Any) -> None:
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to {2**32 - 1}")
 
 
+def _check_samples(prompt: Any, tokens: Any) -> None:
+    """``sample_prompt``: text, or null for no samples; ``sample_tokens``: an integer >= 0 (0: no sample
+    at the end). Checked before training: a bad value would otherwise fail the run at its end."""
+    from lm_lab.schema import ConfigError
+
+    if prompt is not None and not isinstance(prompt, str):
+        raise ConfigError(
+            f"sample_prompt={prompt!r} must be text (quote it: 'sample_prompt=\"{prompt}\"') or null for no samples"
+        )
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ConfigError(f"sample_tokens={tokens!r} must be an integer >= 0 (0: no sample at the end of the run)")
+
+
 def _check_warmup(sched_cfg: Any, max_steps: int | None) -> None:
     """Warn (one line) when warm-up takes more than half of the run. It is not rescaled: the
     schedule stays what the config says, as in a longer run with the same settings."""
@@ -411,7 +425,7 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _report(cfg: DictConfig, task: Any, trainer: Any, metrics: dict[str, float], output_dir: Path) -> None:
-    if hasattr(task, "generate") and cfg.get("sample_tokens", 0) > 0:
+    if hasattr(task, "generate") and cfg.get("sample_tokens", 0) > 0 and cfg.get("sample_prompt") is not None:
         text = task.generate(cfg.sample_prompt, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
         print(f"\n--- sample ({cfg.sample_tokens} tokens) ---\n{cfg.sample_prompt}{text}\n---")
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}

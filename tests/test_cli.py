@@ -56,14 +56,15 @@ NOISE = ["💡", "litlogger", "anonymous setting", "LeafSpec", "exists and is no
 def test_console_off_a_terminal_shows_progress_lines_once_and_no_noise(tmp_path: Path, shared_cache: Path) -> None:
     """stdout is a pipe here (as under nohup, SLURM or `| tee`): plain progress lines instead of a
     bar, each message once, no tips or repeated deprecations; train.log has the loss lines. A
-    resume into the same directory adds no "directory not empty" warning."""
+    resume into the same directory adds no "directory not empty" warning. ``sample_prompt=null``: no
+    samples, after the validations or at the end."""
     run_dir = tmp_path / "run"
     args = [
         "model=gpt_tiny",
         *FAST,
         "trainer.enable_progress_bar=null",  # the default: a bar only on a terminal
         "callbacks.progress.every_n_steps=2",
-        "sample_tokens=0",
+        "sample_prompt=null",
         f"hydra.run.dir={run_dir}",
     ]
     env = {"HF_HUB_OFFLINE": "1", "WANDB_API_KEY": "", "WANDB_MODE": ""}  # the default loggers: W&B offline + CSV
@@ -80,6 +81,9 @@ def test_console_off_a_terminal_shows_progress_lines_once_and_no_noise(tmp_path:
         assert f"step {total}/{total} | loss " in "\n".join(steps) and "tok/s" in steps[-1] and "eta" in steps[-1]
         assert any(line.startswith(f"step {total}/{total} | validation: val/loss ") for line in console)
         assert "━" not in r.stdout + r.stderr  # no progress bar
+        assert not [
+            line for line in console if "sample at step" in line or "--- sample" in line or "sample gen" in line
+        ]
     log = (run_dir / "train.log").read_text()
     assert "step 2/4 | loss " in log and "step 6/6 | loss " in log  # both attempts' progress, with the loss
     assert "Tip" in log and "exists and is not empty" in log  # what the console leaves out is still in the log
@@ -162,6 +166,7 @@ BAD = {
     "negative lr": (["optimizer.lr=-0.001"], "optimizer.lr=-0.001 must be > 0"),
     "infinite lr": (["optimizer.lr=inf"], "optimizer.lr=inf must be > 0 and finite"),
     "negative seed": (["seed=-1"], "seed=-1 must be an integer from 0 to 4294967295"),
+    "sample prompt not text": (["sample_prompt=5"], "sample_prompt=5 must be text"),
     "missing checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "checkpoint not found"),
     "corrupt checkpoint": (["ckpt_path={tmp}/corrupt.ckpt"], "is corrupt or truncated"),
     "checkpoint without hyperparameters": (["ckpt_path={tmp}/no_hparams.ckpt"], "is not an lm_lab checkpoint"),

@@ -14,11 +14,12 @@ log = logging.getLogger("lm_lab")
 class TextSamples(L.Callback):
     """After validation, continue ``prompt`` with a decoder, or predict the ``[MASK]`` of
     ``mask_prompt`` with an encoder, and log it: a W&B table with a row per validation so far,
-    TensorBoard text, and the console log. A failure here is a warning, never a failed run."""
+    TensorBoard text, and the console log. A failure here is a warning, never a failed run.
+    ``prompt=None`` (``sample_prompt=null``): no decoder samples."""
 
     def __init__(
         self,
-        prompt: str = "\n",
+        prompt: str | None = "\n",
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         top_k: int | None = 50,
@@ -40,7 +41,7 @@ class TextSamples(L.Callback):
         if callable(getattr(pl_module, "fill_mask", None)):
             self._fill_mask(trainer, pl_module)
             return
-        if not hasattr(pl_module, "generate"):
+        if not hasattr(pl_module, "generate") or self.prompt is None:  # sample_prompt=null: no samples
             return
         try:
             text = pl_module.generate(
