@@ -87,6 +87,11 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     data_cfg = _build(cfg.data, "data")
     check_hub_sources(data_cfg, tokenizer=not (cfg.get("ckpt_path") or cfg.get("init_from")))
 
+    from lm_lab.training.loggers import import_wandb, uses_wandb
+
+    if uses_wandb([OmegaConf.to_container(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]):
+        import_wandb()  # before Lightning, where it costs less (see import_wandb)
+
     import lightning as L
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException

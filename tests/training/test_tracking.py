@@ -32,8 +32,8 @@ TINY = [
 ]
 
 
-def _train(args: list[str], run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+def _train(args: list[str], run_dir: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LM_LAB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **extra_env}
     env.pop("WANDB_API_KEY", None)
     r = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
@@ -90,7 +90,10 @@ def test_offline_wandb_run_records_config_history_samples_lineage_and_resumes_in
     assert sorted(step for step, _ in summary(resumed[0])["history"]["train/loss"]) == [5, 6]
 
     run_b = tmp_path / "b"
-    _train([*TINY, "trainer.max_steps=2", "optimizer.lr=1e-3"], run_b, shared_cache)
+    r = _train([*TINY, "trainer.max_steps=2", "optimizer.lr=1e-3"], run_b, shared_cache, PYTHONPROFILEIMPORTTIME="1")
+    # W&B (and the Launch package wandb.init imports) before Lightning: loggers.import_wandb.
+    done = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert done.index("wandb.sdk.launch.inputs.internal") < done.index("lightning"), "W&B imported after Lightning"
     (other,) = _offline_runs(run_b)
     t = summary(other)
     assert t["run"].run_id != run_id
@@ -142,3 +145,26 @@ def test_a_wandb_that_cannot_start_is_one_warning_and_training_goes_on(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     (wandb_warning,) = [w for w in warnings if "Wandb" in w or "W&B" in w]
     assert "logger WandbLogger could not start" in wandb_warning and "\n" not in wandb_warning
+
+
+def test_uses_wandb_and_import_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which logger settings log to W&B (train() imports it before Lightning for those), and that
+    import_wandb imports the module wandb.init itself imports on every run (if W&B moved it, the early
+    import would silently stop saving its cost: this fails instead)."""
+    import inspect
+
+    import wandb
+
+    from lm_lab.training.loggers import import_wandb, uses_wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    ours = {"_target_": "lm_lab.training.loggers.wandb_logger", "mode": "auto"}
+    csv = {"_target_": "lm_lab.training.loggers.csv_logger"}
+    assert uses_wandb([csv, ours]) and not uses_wandb([csv]) and not uses_wandb([])
+    assert not uses_wandb([{**ours, "mode": "disabled"}])
+    assert uses_wandb([{"_target_": "lightning.pytorch.loggers.WandbLogger"}])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert not uses_wandb([ours])  # WANDB_MODE wins over the config, as in wandb_logger
+    import_wandb()
+    assert "wandb.sdk.launch.inputs.internal" in sys.modules
+    assert "wandb.sdk.launch.inputs.internal" in inspect.getsource(wandb.sdk.wandb_run.Run._detect_and_apply_job_inputs)
