@@ -86,3 +86,20 @@ def test_peak_flops_override_and_bad_values() -> None:
         Throughput(cpu_peak_flops=-1)
     with pytest.raises(ValueError, match="window=0 must be >= 1"):
         Throughput(window=0)
+    with pytest.raises(ValueError, match="cpu_bf16_ratio=0 must be > 0"):
+        Throughput(cpu_bf16_ratio=0)
+
+
+@pytest.mark.parametrize(("precision", "peak"), [("32-true", 4e10), ("bf16-mixed", 1e11), ("bf16-true", 1e11)])
+def test_cpu_peak_follows_the_compute_dtype(precision: str, peak: float) -> None:
+    """A bf16 run's MFU is against the CPU's bf16 peak (fp32 peak x cpu_bf16_ratio), an fp32 run's
+    against the fp32 peak; the override wins over both; no CPU peak, no MFU."""
+    import lightning as L
+
+    from lm_lab.callbacks.throughput import Throughput
+
+    trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    cpu = torch.device("cpu")
+    assert Throughput(cpu_peak_flops=4e10, cpu_bf16_ratio=2.5).device_peak(trainer, cpu) == pytest.approx(peak)
+    assert Throughput(peak_flops=7e9, cpu_peak_flops=4e10).device_peak(trainer, cpu) == 7e9
+    assert Throughput(cpu_peak_flops=None).device_peak(trainer, cpu) is None
