@@ -1,6 +1,6 @@
 """nanoGPT's CPU Tiny Shakespeare recipe: lm_lab's whole run vs a plain PyTorch loop.
 
-    python bench/shakespeare_char.py [--repeats 3] [--fp32] [--llama] [--compiled] [--data ../shared/data/tinyshakespeare/input.txt]
+    python bench/shakespeare_char.py [--repeats 3] [--fp32] [--llama] [--compiled] [--nanogpt DIR] [--data ../shared/data/tinyshakespeare/input.txt]
 
 Both sides train the same recipe (4 layers, 4 heads, 128 dims, block 64, batch 12, 2,000 steps,
 lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, betas 0.9/0.99, weight decay 0.1, clip 1.0,
@@ -26,6 +26,14 @@ no dropout, no bias; 20 validation batches every 250 steps):
   (RMSNorm, rotary positions, SwiGLU 344 wide, ~0.80M parameters like the GPT network). Its ratio is
   against the same plain GPT loop: there is no plain Llama loop.
 
+- ``nanoGPT itself`` (only with ``--nanogpt DIR``, a checkout of karpathy/nanoGPT): its
+  ``data/shakespeare_char/prepare.py`` on the same ``input.txt``, then its ``train.py`` with the
+  command its README gives for CPUs (``config/train_shakespeare_char.py --device=cpu --compile=False
+  --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
+  --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0``), both timed, in a scratch
+  directory that holds copies of its files (nothing of nanoGPT is in this repository). Its val loss
+  is the one it prints at step 2,000: its own estimate from 20 random batches, not the whole split.
+
 Runs alternate (A, B[, C], A, B[, C], ...) so machine noise hits every row; the table gives medians and the
 ratio. nanoGPT's own figures on this kind of machine (../shared/data/README.md): val loss 1.886,
 about 125 s for the whole run.
@@ -35,7 +43,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +150,54 @@ def run_lm_lab_compiled(data: Path, workdir: Path) -> tuple[float, float]:
     return run_lm_lab(data, workdir, extra=("compile=true", "optimizer.fused=true"))
 
 
+NANOGPT_FILES = (
+    "train.py",
+    "model.py",
+    "configurator.py",
+    "config/train_shakespeare_char.py",
+    "data/shakespeare_char/prepare.py",
+)
+# nanoGPT's README, "I only have a macbook" (a CPU): its recipe for this benchmark.
+NANOGPT_ARGS = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]
+
+
+def check_nanogpt(checkout: Path) -> None:
+    missing = [f for f in NANOGPT_FILES if not (checkout / f).is_file()]
+    if missing:
+        sys.exit(
+            f"error: --nanogpt {checkout} lacks {', '.join(missing)}: "
+            "give a checkout of https://github.com/karpathy/nanoGPT"
+        )
+
+
+def run_nanogpt(checkout: Path, data: Path, workdir: Path) -> tuple[float, float]:
+    for name in NANOGPT_FILES:
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkout / name, workdir / name)
+    (workdir / "data" / "shakespeare_char" / "input.txt").symlink_to(data)  # prepare.py downloads it otherwise
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=workdir, check=True, capture_output=True)
+    out = subprocess.run(
+        [sys.executable, "train.py", *NANOGPT_ARGS], cwd=workdir, check=True, capture_output=True, text=True
+    ).stdout
+    wall = time.perf_counter() - t0
+    return wall, float(re.findall(r"step 2000: train loss [0-9.]+, val loss ([0-9.]+)", out)[-1])
+
+
 def run_plain(data: Path, workdir: Path) -> tuple[float, float]:
     script = workdir / "plain_loop.py"
     script.write_text(PLAIN_LOOP)
@@ -155,6 +214,7 @@ FP32_ROW = "lm_lab, GPT-2 blocks, trainer.precision=32-true"
 PLAIN_ROW = "plain loop, GPT-2 blocks (baseline)"
 LLAMA_ROW = "lm_lab, Llama blocks"
 COMPILED_ROW = "lm_lab, GPT-2 blocks, compile=true optimizer.fused=true"
+NANOGPT_ROW = "nanoGPT itself (its train.py; val: its 20-batch estimate)"
 
 
 def main() -> None:
@@ -166,8 +226,17 @@ def main() -> None:
     p.add_argument(
         "--compiled", action="store_true", help="also run lm_lab with compile=true optimizer.fused=true (a row)"
     )
+    p.add_argument(
+        "--nanogpt",
+        type=Path,
+        default=None,
+        help="a checkout of karpathy/nanoGPT: also run its train.py with its README's CPU command (a row)",
+    )
     args = p.parse_args()
     runs = [(GPT_ROW, run_lm_lab), (PLAIN_ROW, run_plain)]
+    if args.nanogpt is not None:
+        check_nanogpt(args.nanogpt)
+        runs.append((NANOGPT_ROW, functools.partial(run_nanogpt, args.nanogpt.resolve())))
     if args.fp32:
         runs.append((FP32_ROW, run_lm_lab_fp32))
     if args.compiled:
@@ -192,6 +261,8 @@ def main() -> None:
     for name, (wall, val) in med.items():
         print(f"| {name} | {wall:.1f} | {val:.4f} | {wall / base:.2f}x |")
     print("| nanoGPT (reference, ../shared/data/README.md) | ~125 | 1.886 | |")
+    if NANOGPT_ROW in med:
+        print(f"\nlm_lab / nanoGPT itself, whole run: {med[GPT_ROW][0] / med[NANOGPT_ROW][0]:.2f}x")
 
 
 if __name__ == "__main__":
