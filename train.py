@@ -151,7 +151,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         )
     _check_budget(cfg.trainer)
     _check_seed(cfg.get("seed"))
-    _check_samples(cfg.get("sample_prompt"), cfg.get("sample_tokens"))
+    _check_samples(cfg.get("sample_prompt"), cfg.get("sample_tokens", 0))
     allow_data_change = cfg.get("allow_data_change", False)
     if not isinstance(allow_data_change, bool):
         raise ConfigError(f"allow_data_change={allow_data_change!r} must be true or false")
