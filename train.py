@@ -109,6 +109,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         remove_partial_checkpoints,
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
+        warn_precision_change,
     )
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
@@ -241,6 +242,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         interval *= accum
     precision = resolve_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer))
     check_precision(precision, on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
+    if ckpt_path is not None:
+        warn_precision_change(ckpt_path, precision)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,

@@ -174,6 +174,9 @@ class LMTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer_backend is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_backend.to_str()
+        # The arithmetic it was trained in (trainer.precision=auto picks it per machine): a resume in
+        # another is named (training.checkpoints.warn_precision_change).
+        checkpoint["precision"] = str(self.trainer.precision)
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``, which sets ``device_mesh``):

@@ -506,6 +506,26 @@ def check_resume(
         )
 
 
+def warn_precision_change(path: Path, precision: object) -> None:
+    """A resume in other arithmetic than its checkpoint was trained in: one warning line.
+
+    ``trainer.precision=auto`` resolves per machine (``bf16-mixed`` where bf16 runs natively, else
+    ``32-true``), so the same command resumed on another machine would otherwise change the run's
+    arithmetic without a word. Allowed (a deliberate change is legitimate); not exact.
+    Checkpoints written before lm_lab recorded their precision are not checked."""
+    saved = read_checkpoint(path).get("precision")
+    if saved is not None and str(saved) != str(precision):
+        log.warning(
+            "resuming %s in trainer.precision=%s; it was trained in %s (auto picks per machine): the run "
+            "goes on, but not as it would have in %s; set trainer.precision=%s to keep its arithmetic",
+            path,
+            precision,
+            saved,
+            saved,
+            saved,
+        )
+
+
 def check_init_from(path: Path, data_cfg: Any) -> None:
     """A model keeps its tokenizer: refuse ``init_from`` with explicitly different tokenizer settings."""
     saved = data_state(read_checkpoint(path)).get("data")

@@ -176,3 +176,26 @@ def test_auto_precision_reaches_the_trainer(compose_cfg, tmp_path: Path, caplog)
     assert lightning_says == (want == "bf16-mixed")
     by_step, _ = step_losses(tmp_path / "run")
     assert len(by_step) == STEPS and all(math.isfinite(v) for v in by_step.values())
+
+
+def test_a_resume_in_other_arithmetic_is_named(compose_cfg, tmp_path: Path, caplog) -> None:
+    """A checkpoint records the precision it was trained in; resuming it in another (as
+    trainer.precision=auto would on a machine with other hardware) is one warning line, and in the
+    same precision none."""
+    import logging
+
+    import torch
+
+    first = tmp_path / "first"
+    train(compose_cfg(*BASE, *MODELS["gpt_tiny"], "trainer.precision=32-true", run_dir=first))
+    last = first / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True, mmap=True)["precision"] == "32-true"
+    more = [f"trainer.max_steps={STEPS + 1}", f"ckpt_path={last}"]
+    caplog.set_level(logging.WARNING, logger="lm_lab")
+    train(compose_cfg(*BASE, *MODELS["gpt_tiny"], "trainer.precision=32-true", *more, run_dir=tmp_path / "same"))
+    assert "trained in" not in caplog.text
+    train(compose_cfg(*BASE, *MODELS["gpt_tiny"], "trainer.precision=bf16-true", *more, run_dir=tmp_path / "other"))
+    warnings = [r.getMessage() for r in caplog.records if "trained in" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "in trainer.precision=bf16-true; it was trained in 32-true" in warnings[0]
+    assert "set trainer.precision=32-true" in warnings[0]
