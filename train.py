@@ -109,7 +109,6 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         remove_partial_checkpoints,
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
-        warn_precision_change,
     )
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
@@ -183,6 +182,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         model_cfg, sched_cfg = plan.model_cfg, plan.scheduler
     max_steps = plan.max_steps if plan else cfg.trainer.get("max_steps")
     _check_warmup(sched_cfg, max_steps)
+    precision = resolve_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer))
     if ckpt_path is not None:  # before anything is written: a refused resume leaves the run untouched
         if is_sharded_checkpoint(ckpt_path) and not sharded:
             raise CheckpointError(
@@ -199,6 +199,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
             sched_cfg,
             corpus_fingerprint=lambda: make_dm().corpus.fingerprint,  # loads the corpus (not its tokens)
             allow_data_change=allow_data_change,
+            precision=precision,
         )
     # Weights only, fresh optimizer/schedule/data position (e.g. BERT's phase 2); a resume wins over it.
     if source is not None and ckpt_path is None and source.objective == objective_cfg.objective:
@@ -240,10 +241,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     interval = plan.val_check_interval if plan else cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         interval *= accum
-    precision = resolve_precision(cfg.trainer.get("precision"), on_gpu=planned_on_gpu(cfg.trainer))
     check_precision(precision, on_gpu=planned_on_gpu(cfg.trainer), sharded=sharded)
-    if ckpt_path is not None:
-        warn_precision_change(ckpt_path, precision)
     # Checkpoints are written to a temporary file and renamed: a kill never leaves half a last.ckpt.
     trainer: L.Trainer = _build(
         cfg.trainer,

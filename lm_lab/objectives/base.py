@@ -175,7 +175,7 @@ class LMTask(L.LightningModule):
         if self.tokenizer_backend is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_backend.to_str()
         # The arithmetic it was trained in (trainer.precision=auto picks it per machine): a resume in
-        # another is named (training.checkpoints.warn_precision_change).
+        # another is named (training.checkpoints.check_resume).
         checkpoint["precision"] = str(self.trainer.precision)
 
     def configure_model(self) -> None:

@@ -426,6 +426,7 @@ def check_resume(
     sched_cfg: Any = None,
     corpus_fingerprint: Callable[[], str | None] | None = None,
     allow_data_change: bool = False,
+    precision: object = None,
 ) -> None:
     """Refuse (one line) a resume whose network, objective, model or data stream differs from the checkpoint's.
 
@@ -434,6 +435,11 @@ def check_resume(
     current corpus's ``Corpus.fingerprint`` (called last, as it loads the corpus): a checkpoint
     records the one it was trained on, so a corpus edited in place (same settings, even the same
     number of blocks) is refused too, unless ``allow_data_change``.
+
+    Warned, not refused: other optimizer or scheduler values, and a ``precision`` (the resolved
+    ``trainer.precision``) other than the one the checkpoint was trained in. ``trainer.precision=auto``
+    resolves per machine, so the same resume command on other hardware would otherwise change the
+    run's arithmetic without a word; checkpoints written before lm_lab recorded it are not checked.
     """
     from lm_lab import registry
 
@@ -504,25 +510,16 @@ def check_resume(
             "checkpoint; only the schedule's shape follows the new values",
             ", ".join(changed),
         )
-
-
-def warn_precision_change(path: Path, precision: object) -> None:
-    """A resume in other arithmetic than its checkpoint was trained in: one warning line.
-
-    ``trainer.precision=auto`` resolves per machine (``bf16-mixed`` where bf16 runs natively, else
-    ``32-true``), so the same command resumed on another machine would otherwise change the run's
-    arithmetic without a word. Allowed (a deliberate change is legitimate); not exact.
-    Checkpoints written before lm_lab recorded their precision are not checked."""
-    saved = read_checkpoint(path).get("precision")
-    if saved is not None and str(saved) != str(precision):
+    saved_precision = ckpt.get("precision")
+    if precision is not None and saved_precision is not None and str(saved_precision) != str(precision):
         log.warning(
             "resuming %s in trainer.precision=%s; it was trained in %s (auto picks per machine): the run "
             "goes on, but not as it would have in %s; set trainer.precision=%s to keep its arithmetic",
             path,
             precision,
-            saved,
-            saved,
-            saved,
+            saved_precision,
+            saved_precision,
+            saved_precision,
         )
 
 

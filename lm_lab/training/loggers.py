@@ -41,9 +41,7 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     """
     from lightning.pytorch.loggers import WandbLogger
 
-    env_mode = os.environ.get("WANDB_MODE")
-    if env_mode:
-        mode = env_mode
+    mode = wandb_mode(mode)
     if mode == "auto":
         mode = "online" if wandb_logged_in() else "offline"
         if mode == "offline":
@@ -62,6 +60,11 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> Any:
     # setting has no effect" on every run.
     logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def wandb_mode(mode: str | None) -> str:
+    """The W&B mode a run gets: ``WANDB_MODE`` in the environment wins over the config's (default auto)."""
+    return os.environ.get("WANDB_MODE") or mode or "auto"
 
 
 def import_wandb() -> None:
@@ -84,13 +87,11 @@ def import_wandb() -> None:
 
 def uses_wandb(logger_cfgs: list[dict[str, Any]]) -> bool:
     """Whether a run's logger settings (``cfg.logger``'s entries, as plain dicts) log to W&B."""
-    for lg in logger_cfgs:
-        target = str(lg.get("_target_", ""))
-        if target.endswith(("wandb_logger", "WandbLogger")):
-            mode = os.environ.get("WANDB_MODE") or lg.get("mode") or "auto"
-            if mode != "disabled":
-                return True
-    return False
+    return any(
+        str(lg.get("_target_", "")).endswith(("wandb_logger", "WandbLogger"))
+        and wandb_mode(lg.get("mode")) != "disabled"
+        for lg in logger_cfgs
+    )
 
 
 def _job_overrides() -> list[str]:
