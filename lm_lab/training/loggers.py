@@ -193,11 +193,16 @@ def _offline_dir(run: Any) -> Path | None:
 
 
 def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **kwargs: Any) -> Any:
-    """A Lightning ``CSVLogger`` that *appends* to an existing ``metrics.csv``.
+    """A Lightning ``CSVLogger`` that *appends* to an existing ``metrics.csv``, and never loses it.
 
     Lightning's deletes the file when its folder is not empty, so a run resumed into its own
     directory would lose the interrupted attempt's rows. Steps logged after the resumed
     checkpoint appear twice (the resumed attempt logs them again): keep the last row per step.
+
+    Lightning rewrites the whole file in place (truncate, then write) whenever a new column appears,
+    e.g. at the first validation. A run killed during that rewrite left an empty file, and its
+    resumed attempt started a new one: every earlier row was gone. Here the rewrite goes to a file
+    beside it that is renamed into place, and a last row cut short by a kill is dropped on resume.
     """
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -206,10 +211,26 @@ def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **
     class AppendingWriter(ExperimentWriter):
         def _check_log_dir_exists(self) -> None:
             path = self.metrics_file_path
+            if os.path.isfile(f"{path}.tmp"):
+                os.remove(f"{path}.tmp")  # a rewrite cut short by a kill; the file itself is whole
             if os.path.isfile(path) and os.path.getsize(path) > 0:
+                _drop_partial_last_line(path)
                 with open(path, newline="") as f:
                     self.metrics_keys = next(csv.reader(f), [])  # the existing header, in its order
                 log.info("CSV logger: appending to %s", path)
+
+        def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+            path = self.metrics_file_path
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
 
     class AppendingCSVLogger(CSVLogger):
         @property
@@ -221,6 +242,23 @@ def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **
             return self._experiment
 
     return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """Cut a last line that does not end in a newline (a kill in the middle of an append): appended
+    to, it would merge with the next row into one wrong row."""
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        if last == b"\n":
+            return
+        if last == b"\r":  # cut between the csv module's "\r\n": the row itself is whole
+            f.write(b"\n")
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1  # 0 when even the header is cut: the file starts again
+        log.warning("CSV logger: %s ended in a partial row (an interrupted write); dropping it", path)
+        f.truncate(keep)
 
 
 # ---------------------------------------------------------------------- loggers must not stop training

@@ -476,6 +476,93 @@ def test_failing_loggers_are_warnings_and_training_goes_on(
     assert any("TensorBoardLogger" in m for m in failed), failed
 
 
+PREFILLED = 20_000  # rows: Lightning's rewrite of a file this size takes ~60 ms here
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_kill_while_metrics_csv_gains_a_column_keeps_every_row(tmp_path: Path) -> None:
+    """Lightning rewrites metrics.csv whenever a column appears (the first validation, a new metric).
+    Rewritten in place, a run SIGKILLed in the middle left an empty file and its resumed attempt only
+    its own rows (seen in CI: a run killed during its first validation lost steps 1-8). Killed at
+    random moments while every save rewrites a 20,000-row file, the file always holds every row saved
+    before the kill, and a resumed logger appends to it."""
+    import random
+
+    from lm_lab.training.loggers import csv_logger
+
+    seed_dir = tmp_path / "seed"
+    logger = csv_logger(str(seed_dir), flush_logs_every_n_steps=PREFILLED)
+    for i in range(PREFILLED):
+        logger.log_metrics({"train/loss": i / 7}, step=i)
+    seed = (seed_dir / "metrics.csv").read_bytes()
+    rng = random.Random(0)
+    for attempt in range(6):
+        run_dir = tmp_path / f"attempt{attempt}"
+        run_dir.mkdir()
+        (run_dir / "metrics.csv").write_bytes(seed)
+        read_end, write_end = os.pipe()
+        pid = os.fork()  # this process has Lightning imported already: each attempt starts at once
+        if pid == 0:  # the run: a new column at every save, so every save rewrites the file
+            try:
+                os.close(read_end)
+                run_logger = csv_logger(str(run_dir), flush_logs_every_n_steps=1)
+                for k in range(10_000):
+                    run_logger.log_metrics({"train/loss": float(k), f"val/m{k}": 1.0}, step=PREFILLED + k)
+                    os.write(write_end, b"s")
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        assert os.read(read_end, 1) == b"s"  # one rewrite done
+        time.sleep(rng.uniform(0.0, 0.2))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        saved = 1
+        while chunk := os.read(read_end, 4096):
+            saved += len(chunk)
+        os.close(read_end)
+
+        rows = _csv_rows(run_dir / "metrics.csv")
+        assert len(rows) >= PREFILLED + saved, (attempt, len(rows), saved)
+        assert [int(r["step"]) for r in rows] == list(range(len(rows)))
+        assert all(float(r["train/loss"]) == i / 7 for i, r in enumerate(rows[:PREFILLED]))
+        assert all(float(r["train/loss"]) == k for k, r in enumerate(rows[PREFILLED:]))
+
+        resumed = csv_logger(str(run_dir), flush_logs_every_n_steps=1)
+        resumed.log_metrics({"train/loss": -1.0, "val/loss": 2.0}, step=len(rows))
+        again = _csv_rows(run_dir / "metrics.csv")
+        assert again[:-1] == [{**r, "val/loss": ""} for r in rows]
+        assert (again[-1]["step"], again[-1]["train/loss"], again[-1]["val/loss"]) == (str(len(rows)), "-1.0", "2.0")
+        assert not (run_dir / "metrics.csv.tmp").exists()
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
+    """A kill in the middle of an append leaves a partial last row; appended to, it would merge with
+    the next row into one wrong row (a wrong loss read as right). The resumed logger drops it."""
+    from lm_lab.training.loggers import csv_logger
+
+    logger = csv_logger(str(tmp_path), flush_logs_every_n_steps=1)
+    for i in range(3):
+        logger.log_metrics({"train/loss": 1.25 + i}, step=i)
+    path = tmp_path / "metrics.csv"
+    whole = path.read_bytes()
+    assert whole.endswith(b"\r\n2,3.25\r\n")  # the csv module ends rows in \r\n
+    for cut, kept in ((b"2,3.2", 2), (b"2,3.25\r", 3)):  # mid-row; between \r and \n (the row is whole)
+        path.write_bytes(whole[: whole.rindex(b"2,3.25\r\n")] + cut)
+        resumed = csv_logger(str(tmp_path), flush_logs_every_n_steps=1)
+        resumed.log_metrics({"train/loss": 9.5}, step=kept)
+        rows = _csv_rows(path)
+        assert [(r["step"], r["train/loss"]) for r in rows] == [
+            *[(str(i), str(1.25 + i)) for i in range(kept)],
+            (str(kept), "9.5"),
+        ]
+
+
 def test_no_logger_at_all_still_trains(tmp_path: Path, shared_cache: Path) -> None:
     out = train_in_process([*RUN, "logger=none", "trainer.max_steps=2"], tmp_path / "run", shared_cache)
     assert out["trainer"].global_step == 2
