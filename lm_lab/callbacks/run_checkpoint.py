@@ -40,7 +40,10 @@ class RunCheckpoint(ModelCheckpoint):
     run whose other rank is inside a gradient all-reduce (seen here about every other time).
     This callback's handler only sets a flag (and forwards the signal to the processes Lightning
     launched); the ranks agree on it with one all-reduce after each training batch and then stop
-    together.
+    together. A validation due at that step runs first (Lightning would cut it short after one
+    batch, and the resumed run would never make it up: its val/loss and best-checkpoint choice
+    would be missing from the record); a signal that arrives during a validation stops the run
+    right after it.
 
     SLURM auto-requeue (a ``SLURMEnvironment(auto_requeue=True)`` plugin, ``cluster=slurm``): the
     requeue signal (SIGUSR1, sent ``--signal=SIGUSR1@90`` seconds before the time limit) is handled
@@ -73,6 +76,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.requeued: str | None = None  # the SLURM job this run requeued (rank 0)
         self._sigterm = False
         self._requeue = False
+        self._stop_after_validation = False
 
     def _skip(self, trainer: L.Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
@@ -122,7 +126,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_start(trainer, pl_module)
         self._clock = time.monotonic()
-        self._sigterm = self._requeue = False
+        self._sigterm = self._requeue = self._stop_after_validation = False
         if threading.current_thread() is threading.main_thread():
             # Replaces the handlers Lightning installed for this fit; Lightning restores the originals at teardown.
             signal.signal(signal.SIGTERM, lambda signum, frame: self._on_sigterm(trainer, signum))
@@ -158,9 +162,12 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.fit_loop._should_accumulate():
             return  # only at optimizer-step boundaries: accumulated gradients are not saved
         if self._stop_requested(trainer):
-            # All ranks at once: Lightning raises SIGTERMException after this batch (and any validation
-            # due now); on_exception below saves.
-            trainer._signal_connector.received_sigterm = True
+            # All ranks at once: Lightning raises SIGTERMException after this batch; on_exception
+            # below saves. A validation due now runs whole first (see on_validation_end).
+            if self._validation_due(trainer):
+                self._stop_after_validation = True
+            else:
+                trainer._signal_connector.received_sigterm = True
         if self._skip(trainer):
             return
         step = trainer.global_step
@@ -177,6 +184,18 @@ class RunCheckpoint(ModelCheckpoint):
             # micro-batches): a checkpoint here could not hold the gradients accumulated so far.
             return
         super().on_validation_end(trainer, pl_module)
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        # The stop deferred to the end of this validation, or a signal that arrived during it.
+        if fitting and (self._stop_after_validation or self._stop_requested(trainer)):
+            trainer._signal_connector.received_sigterm = True
+
+    @staticmethod
+    def _validation_due(trainer: L.Trainer) -> bool:
+        """Whether Lightning validates after the batch that just ended (its own test; rank 0's
+        answer, which a time-based ``val_check_interval`` could make differ between ranks)."""
+        loop = trainer.fit_loop.epoch_loop
+        due = bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        return bool(trainer.strategy.broadcast(due)) if trainer.world_size > 1 else due
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)

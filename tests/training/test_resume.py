@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -113,18 +115,28 @@ def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, at_least: int, timeo
     raise AssertionError(f"no checkpoint at step >= {at_least} within {timeout}s")
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    """val/loss per step at which the run validated (the last row of each step wins)."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> dict[str, dict[int, float]]:
-    """Uninterrupted runs, one per family, computed on first use."""
-    cache: dict[str, dict[int, float]] = {}
+    """Uninterrupted runs, one per family, computed on first use: train/loss per step
+    (``reference(family)``) and val/loss per validation (``reference(family, "val")``)."""
+    cache: dict[tuple[str, str], dict[int, float]] = {}
 
-    def get(family: str) -> dict[int, float]:
-        if family not in cache:
+    def get(family: str, split: str = "train") -> dict[int, float]:
+        if (family, split) not in cache:
             run_dir = tmp_path_factory.mktemp(f"ref_{family}") / "run"
             run([*FAMILIES[family], *COMMON, f"trainer.max_steps={STEPS}"], run_dir, shared_cache)
-            cache[family] = step_losses(run_dir)[0]
-            assert sorted(cache[family]) == list(range(1, STEPS + 1))  # steps completed
-        return cache[family]
+            cache[family, "train"] = step_losses(run_dir)[0]
+            cache[family, "val"] = val_losses(run_dir)
+            assert sorted(cache[family, "train"]) == list(range(1, STEPS + 1))  # steps completed
+        return cache[family, split]
 
     return get
 
@@ -217,3 +229,46 @@ def test_streaming_resume_mid_pass_equals_uninterrupted(tmp_path: Path, shared_c
     assert stream["blocks"] == 4 * 4 and "source" in stream  # resumes from an anchor, not by replaying
     got = _stream_losses(run_dir, shared_cache, "trainer.max_steps=10", "ckpt_path=last")
     assert compare(got, want) <= TOL
+
+
+class SigtermInStep(L.Callback):
+    """Sends this process SIGTERM at the start of training step ``step`` (a real signal)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_a_step_due_a_validation_validates_before_it_stops(
+    reference, tmp_path: Path, shared_cache: Path
+) -> None:
+    """SIGTERM during the step after which a validation is due (step 5 of val_check_interval=5).
+    Lightning used to cut that validation short after one batch and the resumed run never made it
+    up: the record lacked val/loss at step 5 and the best checkpoint could not be step 5's. Now the
+    validation runs, then the run stops at step 5; resumed to step 10, every val/loss and
+    train/loss equals the uninterrupted run's."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from train import train
+
+    want_train, want_val = reference("gpt"), reference("gpt", "val")
+    run_dir = tmp_path / "run"
+    args = [*FAMILIES["gpt"], *COMMON, "ckpt_path=last"]
+    sigterm = ["+callbacks.sigterm._target_=tests.training.test_resume.SigtermInStep", "+callbacks.sigterm.step=5"]
+    try:
+        train(compose_config([*args, "trainer.max_steps=1000", *sigterm], run_dir, shared_cache))
+        assert saved_step(run_dir / "checkpoints" / "last.ckpt") == 5
+        assert val_losses(run_dir).keys() == {5}
+        assert [p.name for p in (run_dir / "checkpoints").glob("step000005-*.ckpt")]  # step 5 can be the best
+        train(compose_config([*args, "trainer.max_steps=10"], run_dir, shared_cache))
+    finally:
+        GlobalHydra.instance().clear()
+    got_val = val_losses(run_dir)
+    assert got_val.keys() == {5, 10}
+    assert compare(got_val, {s: want_val[s] for s in (5, 10)}) <= TOL
+    assert compare(step_losses(run_dir)[0], {s: want_train[s] for s in range(1, 11)}) <= TOL
