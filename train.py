@@ -340,7 +340,8 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     if final_validation is not None and final_validation.needs_validation(trainer):
         # Fit ended without validating its final weights (an epoch budget; max_steps runs validate
-        # them inside fit, see FinalValidation): the reported and returned metrics are these.
+        # them inside fit, see FinalValidation), or final_val_batches asks for a wider validation
+        # of them than the in-training ones: the reported and returned metrics are these.
         final_validation.widen(trainer)
         for results in trainer.validate(task, datamodule=dm, verbose=False):
             metrics.update({k: float(v) for k, v in results.items()})

@@ -180,20 +180,27 @@ def test_final_metrics_describe_the_final_weights(compose_cfg, tmp_path: Path) -
     assert all(p.name != "best.ckpt" for p in find_checkpoints(run_dir))
 
 
-def test_final_val_batches_validates_the_final_weights_on_the_whole_split(compose_cfg, tmp_path: Path) -> None:
+def test_final_val_batches_validates_the_final_weights_on_the_whole_split(
+    compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """final_val_batches=1.0: the validations during training score trainer.limit_val_batches (2
-    batches, the same blocks each time), the final weights' one the whole validation split, and that
-    is what is logged at the last step, reported and returned (nanoGPT's CPU recipe reported one
-    fixed 240-block sample's loss, 0.02 above the split's). Checked against independent evaluations
-    of last.ckpt on the whole split and on 2 batches."""
+    batches, the same blocks each time), and so does the one at the last step, which the best
+    checkpoint is chosen with (it once scored the whole split there, and compared that with the
+    2-batch values). Then the final weights are scored on the whole validation split, logged after it
+    at the last step, reported and returned (nanoGPT's CPU recipe reported one fixed 240-block
+    sample's loss, 0.02 above the split's). Checked against independent evaluations of last.ckpt on
+    the whole split and on 2 batches."""
     import lightning as L
 
     run_dir = tmp_path / "run"
     cfg = compose_cfg(
         *TINY, *SHAKES, "trainer.max_steps=6", "trainer.val_check_interval=3", "final_val_batches=1.0", run_dir=run_dir
     )
-    metrics, objects = train(cfg)
+    with caplog.at_level("INFO", logger="lm_lab"):
+        metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 6
+    # The validation after fit does not check the token cache's checksums again (a re-read of the corpus).
+    assert sum("tokenized corpus" in r.getMessage() for r in caplog.records) == 1
     dm = objects["datamodule"]
     fresh = lm_lab.load_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"))
 
@@ -206,8 +213,12 @@ def test_final_val_batches_validates_the_final_weights_on_the_whole_split(compos
     assert abs(whole - two) > 1e-4  # the two estimators differ here, so the test can tell them apart
     assert metrics["val/loss"] == pytest.approx(whole, abs=1e-5)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    val = {int(r["step"]): float(r["val/loss"]) for r in rows if r.get("val/loss")}
-    assert sorted(val) == [3, 6] and val[6] == pytest.approx(whole, abs=1e-5)
+    val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    assert [s for s, _ in val] == [3, 6, 6]  # the curve's points, then the whole split at the last step
+    assert val[1][1] == pytest.approx(two, abs=1e-5) and val[2][1] == pytest.approx(whole, abs=1e-5)
+    scores = {Path(p).name: float(v) for p, v in objects["trainer"].checkpoint_callback.best_k_models.items()}
+    (at_6,) = [v for name, v in scores.items() if name.startswith("step000006")]
+    assert at_6 == pytest.approx(two, abs=1e-5)  # the best is chosen among 2-batch values only
 
 
 def test_short_run_warns_that_warmup_covers_it(caplog: pytest.LogCaptureFixture) -> None:

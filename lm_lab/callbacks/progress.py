@@ -118,7 +118,9 @@ class ProgressLog(L.Callback):
             return
         where = f"step {trainer.global_step}/{self._total}" if self._total else f"step {trainer.global_step}"
         shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
-        self._emit(trainer, f"{where} | validation: {shown}")
+        # After fit (final_val_batches, or an epoch budget): the final weights, on more of the split.
+        what = "validation" if trainer.state.fn == TrainerFn.FITTING else "final validation"
+        self._emit(trainer, f"{where} | {what}: {shown}")
 
 
 class _StepBarMixin:

@@ -43,6 +43,8 @@ class TextSamples(L.Callback):
             return
         if not hasattr(pl_module, "generate") or self.prompt is None:  # sample_prompt=null: no samples
             return
+        if self.history and self.history[-1][0] == trainer.global_step:
+            return  # these weights were sampled already (final_val_batches validates them again)
         try:
             text = pl_module.generate(
                 self.prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
@@ -64,6 +66,8 @@ class TextSamples(L.Callback):
 
     def _fill_mask(self, trainer: L.Trainer, pl_module: Any) -> None:
         step = trainer.global_step
+        if self.mask_history and self.mask_history[-1][0] == step:
+            return  # these weights were sampled already
         try:
             slots = pl_module.fill_mask(self.mask_prompt, top_k=self.mask_top_k)
         except Exception as e:  # e.g. a prompt without [MASK]: a warning, never a failed run

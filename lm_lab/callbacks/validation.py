@@ -19,16 +19,21 @@ class FinalValidation(L.Callback):
     and ``callback_metrics`` (what train.py reports and returns to sweepers) holds it.
 
     ``limit_batches`` (config ``final_val_batches``; Lightning's convention: an int is a number of
-    batches, a float a fraction of the split, 1.0 all of it) makes that validation of the final
-    weights cover more of the split than ``trainer.limit_val_batches``, which every in-training
-    validation keeps. With a small ``limit_val_batches`` the in-training validations score the same
-    few blocks each time (``EvalSampler``'s fixed order): cheap and comparable along the curve, but
-    the whole run's reported loss is then that one sample's, off the split's loss by its sampling
-    error (nanoGPT's CPU recipe: 240 blocks, about 0.02 nats). ``None``: the same batches as the others.
+    batches, a float a fraction of the split, 1.0 all of it) asks for one more validation of the
+    final weights, after ``fit`` (``train()`` runs it, see ``needs_validation``), on more of the
+    split than ``trainer.limit_val_batches``. With a small ``limit_val_batches`` the in-training
+    validations score the same few blocks each time (``EvalSampler``'s fixed order): cheap and
+    comparable along the curve, but the whole run's reported loss is then that one sample's, off the
+    split's loss by its sampling error (nanoGPT's CPU recipe: 240 blocks, about 0.02 nats). The
+    validation inside ``fit`` at the final step keeps the in-training batches: the best checkpoint is
+    chosen among values of one estimator (a whole-split value compared with 240-block ones chose by
+    sampling error), and the curve's last point is like the others. The wider validation is logged
+    after it at the same step, and is what the run reports. ``None``: no further validation.
 
     ``last_val_step`` is the step of the latest validation (``final_step`` that of one with
     ``limit_batches``), so that ``train()`` can still validate after ``fit`` a run that ended
-    otherwise (an epoch budget, a stop by another callback): ``needs_validation``.
+    otherwise (an epoch budget, a stop by another callback) or whose final weights are still to be
+    validated on ``limit_batches``: ``needs_validation``.
     """
 
     def __init__(self, limit_batches: int | float | None = None) -> None:
@@ -47,14 +52,10 @@ class FinalValidation(L.Callback):
         self.final_step: int | None = None  # step of the latest validation run with limit_batches
 
     def widen(self, trainer: L.Trainer) -> None:
-        """Make the next validation (the final weights') cover ``limit_batches``."""
-        if self.limit_batches is None or trainer.limit_val_batches == self.limit_batches:
-            return
-        trainer.limit_val_batches = self.limit_batches
-        # In fit, Lightning counts the validation batches once, when it first loads the validation
-        # data; dropping the loader makes the next validation reload it (cheap: a sampler over the
-        # split) and count the batches again under the new limit.
-        trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
+        """Make the validation after ``fit`` (``trainer.validate``, its own loop, which counts the
+        batches when it starts) cover ``limit_batches``."""
+        if self.limit_batches is not None:
+            trainer.limit_val_batches = self.limit_batches
 
     def needs_validation(self, trainer: L.Trainer) -> bool:
         """Whether the final weights are still to be validated (as asked) after ``fit``."""
@@ -72,7 +73,5 @@ class FinalValidation(L.Callback):
         if trainer.fit_loop._should_accumulate():
             return
         last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        if last:
-            self.widen(trainer)
-            if self.last_val_step != trainer.global_step:
-                trainer.should_stop = True  # Lightning validates at a step where a stop is requested
+        if last and self.last_val_step != trainer.global_step:
+            trainer.should_stop = True  # Lightning validates at a step where a stop is requested

@@ -44,6 +44,8 @@ class CausalLMDataModule(TextDataModule):
         if self.cfg.streaming:
             return
         entry = self.token_cache()
+        if entry == self._verified:
+            return  # checked by this process already (a validate or test after fit)
         with cache.build_lock(entry):  # nodes sharing the cache: the first builds, the others find it
             meta = cache.load_entry(entry)
             if meta is not None:

@@ -142,6 +142,8 @@ class MaskedLMDataModule(TextDataModule):
 
     def prepare_data(self) -> None:
         entry = self.pairs_cache()
+        if entry == self._verified:
+            return  # checked by this process already (a validate or test after fit)
         with cache.build_lock(entry):  # nodes sharing the cache: the first builds, the others find it
             meta = cache.load_entry(entry)
             if meta is not None:

@@ -282,6 +282,8 @@ class SFTDataModule(TextDataModule):
 
     def prepare_data(self) -> None:
         entry = self.examples_cache()
+        if entry == self._verified:
+            return  # checked by this process already (a validate or test after fit)
         with cache.build_lock(entry):  # nodes sharing the cache: the first builds, the others find it
             if cache.load_entry(entry) is not None:
                 log.info("encoded examples found in cache: %s", entry)
