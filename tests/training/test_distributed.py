@@ -228,6 +228,7 @@ def test_a_run_extended_past_its_max_steps_continues_its_epoch(
     assert_same_curves(gpt_runs["one"], run)
 
 
+@pytest.mark.slow  # ~21 s; the sampler's part is in the default suite (a global position on another world size)
 def test_resume_on_another_number_of_devices_continues_the_global_data_position(
     corpus: Path, cache: Path, gpt_runs: dict[str, Path], tmp_path: Path
 ) -> None:

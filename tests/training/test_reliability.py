@@ -371,6 +371,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_checkpoint(tmp_path: Path,
 # ---------------------------------------------------------------------- data faults
 
 
+@pytest.mark.slow  # ~22-26 s; the cache's own guards (damaged entries, dead builders' tmp dirs) are in tests/data
 def test_killed_tokenization_leaves_no_trusted_cache_and_is_rebuilt(tmp_path: Path) -> None:
     from lm_lab.data.options import DataConfig
     from lm_lab.objectives.causal_lm.data import CausalLMDataModule
