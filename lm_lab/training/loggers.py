@@ -211,8 +211,8 @@ def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **
     class AppendingWriter(ExperimentWriter):
         def _check_log_dir_exists(self) -> None:
             path = self.metrics_file_path
-            if os.path.isfile(f"{path}.tmp"):
-                os.remove(f"{path}.tmp")  # a rewrite cut short by a kill; the file itself is whole
+            if os.path.isfile(path + _REWRITE):
+                os.remove(path + _REWRITE)  # a rewrite cut short by a kill; the file itself is whole
             if os.path.isfile(path) and os.path.getsize(path) > 0:
                 _drop_partial_last_line(path)
                 with open(path, newline="") as f:
@@ -223,7 +223,7 @@ def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **
             path = self.metrics_file_path
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
-            tmp = f"{path}.tmp"
+            tmp = path + _REWRITE
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fieldnames)
                 writer.writeheader()
@@ -242,6 +242,9 @@ def csv_logger(save_dir: str, name: str = "", version: str | int | None = "", **
             return self._experiment
 
     return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
+
+
+_REWRITE = ".tmp"  # metrics.csv.tmp: a header rewrite in progress, renamed into place when whole
 
 
 def _drop_partial_last_line(path: str) -> None:
