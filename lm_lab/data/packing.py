@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from lm_lab.data.tokenizer import char_pieces, is_char_level
+from lm_lab.data.tokenizer import CharEncoder, is_char_level
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -29,17 +29,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def tokenize_dataset(ds: Any, tok: Tokenizer, *, eot: int | None, num_proc: int | None = None) -> Any:
     """Add an ``ids`` column (token ids, EOT appended) and drop the text."""
     tok_json = tok.to_str()
-    in_pieces = is_char_level(tok)  # a long document encoded in pieces on every core: the same ids
+    by_chars = is_char_level(tok)  # a character-level vocabulary: encoded by a lookup table (CharEncoder)
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
         t = _tokenizer_from_json(tok_json)
         texts = [s or "" for s in batch["text"]]
         tail = [eot] if eot is not None else []
-        if not in_pieces:
+        if not by_chars:
             return {"ids": [e.ids + tail for e in t.encode_batch(texts, add_special_tokens=False)]}
-        pieces = [list(char_pieces([text])) for text in texts]
-        encs = iter(t.encode_batch([p for doc in pieces for p in doc], add_special_tokens=False))
-        return {"ids": [[i for _ in doc for i in next(encs).ids] + tail for doc in pieces]}
+        chars = _char_encoder(tok_json)
+        return {"ids": [np.concatenate([chars(text), np.asarray(tail, dtype=np.int64)]) for text in texts]}
 
     kwargs: dict[str, Any] = {"batched": True, "remove_columns": ["text"]}
     if num_proc and num_proc > 1 and len(ds) >= num_proc:
@@ -48,6 +47,7 @@ def tokenize_dataset(ds: Any, tok: Tokenizer, *, eot: int | None, num_proc: int 
 
 
 _TOK_CACHE: dict[str, Tokenizer] = {}
+_CHAR_CACHE: dict[str, CharEncoder] = {}
 
 
 def _tokenizer_from_json(s: str) -> Tokenizer:
@@ -56,6 +56,13 @@ def _tokenizer_from_json(s: str) -> Tokenizer:
     if key not in _TOK_CACHE:
         _TOK_CACHE[key] = Tokenizer.from_str(s)
     return _TOK_CACHE[key]
+
+
+def _char_encoder(s: str) -> CharEncoder:
+    key = str(hash(s))
+    if key not in _CHAR_CACHE:
+        _CHAR_CACHE[key] = CharEncoder(_tokenizer_from_json(s))
+    return _CHAR_CACHE[key]
 
 
 def write_tokens(ds: Any, path: Path, dtype: np.dtype) -> int:

@@ -21,6 +21,7 @@ from lm_lab.data.tokenizer import (
     CHAR_PIECE,
     EOT,
     UNK_CHAR,
+    CharEncoder,
     TokenizerError,
     char_pieces,
     is_char_level,
@@ -150,6 +151,43 @@ def test_trained_tokenizers_are_the_same_on_every_run(kind: str) -> None:
         assert tok.encode("Unto the people").tokens == ["[CLS]", "unto", "the", "people", "[SEP]"]
 
 
+def char_tokenizer_by_trainer(texts: list[str]) -> Tokenizer:
+    """The char tokenizer as ``tokenizers``' own WordLevelTrainer trains it, each text in one piece."""
+    reference = Tokenizer(models.WordLevel(unk_token=UNK_CHAR))
+    reference.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    reference.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
+    reference.train_from_iterator(texts, trainer=trainer)
+    return reference
+
+
+def test_char_tokenizer_and_its_table_encoder_equal_tokenizers_own_on_odd_text() -> None:
+    """lm_lab counts characters itself and encodes char-level text by a table (CharEncoder): the
+    tokenizer.json WordLevelTrainer writes, and the ids its tokenizer gives, on texts made to break
+    that: counts tied across code point ranges (ASCII, Latin-1, CJK, emoji beyond the BMP), combining
+    marks, \r\n, characters unseen in training (<unk>), literal added tokens, empty texts."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    alphabet = list("ab \n\r\t<|>é\u0301ß\u4e2d\u00a0") + ["\U0001f600", "\U00010348", "\x00", "\x7f"]
+    for trial in range(30):
+        size = int(rng.integers(0, 400))
+        docs = [
+            "".join(rng.choice(alphabet, size=int(rng.integers(0, size + 1)))) for _ in range(int(rng.integers(1, 5)))
+        ]
+        if trial % 3 == 0:  # ties: every character the same number of times
+            docs = ["".join(rng.permutation(alphabet * int(rng.integers(1, 4))))]
+        ours, reference = train_tokenizer("char", iter(docs), vocab_size=10), char_tokenizer_by_trainer(docs)
+        assert ours.to_str() == reference.to_str(), docs
+        unseen = "".join(rng.choice(alphabet + ["z", "\U0001f680", "\u0370"], size=200))
+        texts = [*docs, unseen, "", f"x{EOT}y{UNK_CHAR}", unseen[:50] + EOT]
+        encoder = CharEncoder(ours)
+        for text in texts:
+            assert encoder(text).tolist() == reference.encode(text, add_special_tokens=False).ids, text
+        tokenized = tokenize_dataset(datasets.Dataset.from_dict({"text": texts}), ours, eot=0)
+        assert tokenized["ids"] == [reference.encode(t, add_special_tokens=False).ids + [0] for t in texts]
+
+
 def test_char_level_corpus_in_pieces_gives_the_whole_documents_ids() -> None:
     """A char tokenizer trains on and encodes a long document in newline-ended pieces (both cores
     busy): the same tokenizer, and ids equal to encoding each document whole, even with a literal
@@ -157,12 +195,7 @@ def test_char_level_corpus_in_pieces_gives_the_whole_documents_ids() -> None:
     import datasets
 
     text = SHAKESPEARE.read_text()
-    # The char tokenizer as tokenizers trains it on the whole text, in one piece.
-    reference = Tokenizer(models.WordLevel(unk_token=UNK_CHAR))
-    reference.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    reference.decoder = decoders.Fuse()
-    trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
-    reference.train_from_iterator([text], trainer=trainer)
+    reference = char_tokenizer_by_trainer([text])
     assert len(list(char_pieces([text]))) > 10
     tok = train_tokenizer("char", iter([text]), vocab_size=100)
     assert tok.to_str() == reference.to_str()
