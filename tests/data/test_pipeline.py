@@ -181,9 +181,11 @@ def test_char_tokenizer_and_its_table_encoder_equal_tokenizers_own_on_odd_text()
         assert ours.to_str() == reference.to_str(), docs
         unseen = "".join(rng.choice(alphabet + ["z", "\U0001f680", "\u0370"], size=200))
         texts = [*docs, unseen, "", f"x{EOT}y{UNK_CHAR}", unseen[:50] + EOT]
-        encoder = CharEncoder(ours)
+        encoder, in_slices = CharEncoder(ours), CharEncoder(ours)
+        in_slices.SLICE = 7  # a long document is encoded a slice at a time: slices of 7 characters here
         for text in texts:
-            assert encoder(text).tolist() == reference.encode(text, add_special_tokens=False).ids, text
+            expected = reference.encode(text, add_special_tokens=False).ids
+            assert encoder(text).tolist() == expected == in_slices(text).tolist(), text
         tokenized = tokenize_dataset(datasets.Dataset.from_dict({"text": texts}), ours, eot=0)
         assert tokenized["ids"] == [reference.encode(t, add_special_tokens=False).ids + [0] for t in texts]
 
