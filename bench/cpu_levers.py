@@ -3,6 +3,7 @@
     python bench/cpu_levers.py [--steps 40] [--repeats 5] [--threads 2]
     python bench/cpu_levers.py --precision [--steps 40] [--repeats 5]
     python bench/cpu_levers.py --generation [--repeats 5]
+    python bench/cpu_levers.py --char-tokenizer [--repeats 5]
 
 One process; the network is the recipe's (4 layers, 4 heads, 128 dims, block 64, batch 12, vocab 67,
 no bias), trained on random windows of Tiny Shakespeare. Each variant gets its own copy of the same
@@ -33,6 +34,12 @@ recipe's validation samples and ``lm-lab-generate`` run it) with the key/value c
 (``lm_lab.models.generation.generate``, ``layers.KVCache``) against the same loop re-reading the
 window at every step (the network without ``new_kv_cache``: generation before the cache); both
 produce the same tokens from the same seed, which the script checks.
+
+``--char-tokenizer`` times the recipe's first-run data preparation on the corpus (``--data``): training
+the char tokenizer and encoding the text, by ``tokenizers`` itself (``WordLevelTrainer`` and
+``encode_batch`` on newline-ended pieces: lm_lab before, and what it still does for a text holding an
+added token) against lm_lab's ``train_tokenizer("char")`` (characters counted) and ``CharEncoder``
+(a code-point table); the script checks that both give the same ``tokenizer.json`` and ids.
 
 ``--optimizer`` measures AdamW's three CPU implementations: the optimizer step alone on the recipe's
 804,352 parameters (for-loop, PyTorch's CPU default; ``foreach``; ``fused``, lm_lab's default since
@@ -274,6 +281,46 @@ def generation_table(base: GPT, repeats: int) -> None:
         print(f"| {n} | {w:.1f} | {c:.1f} | {c / w:.2f}x |")
 
 
+def char_tokenizer_table(text: str, repeats: int) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lm_lab.data.tokenizer import CHAR_PATTERN, EOT, UNK_CHAR, CharEncoder, char_pieces, train_tokenizer
+
+    def by_tokenizers() -> tuple[str, list[int]]:
+        tok = Tokenizer(models.WordLevel(unk_token=UNK_CHAR))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        trainer = trainers.WordLevelTrainer(vocab_size=10**6, special_tokens=[EOT, UNK_CHAR], show_progress=False)
+        tok.train_from_iterator(char_pieces([text]), trainer=trainer)
+        encs = tok.encode_batch(list(char_pieces([text])), add_special_tokens=False)
+        return tok.to_str(), [i for e in encs for i in e.ids]
+
+    def by_lm_lab() -> tuple[str, list[int]]:
+        tok = train_tokenizer("char", iter([text]), vocab_size=0)
+        return tok.to_str(), CharEncoder(tok)(text).tolist()
+
+    sides = {
+        "tokenizers (trainer, encode_batch on pieces)": by_tokenizers,
+        "lm_lab (counted, code-point table)": by_lm_lab,
+    }
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    outs = {}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    a, b = outs.values()
+    assert a == b, "the char tokenizer or its ids differ"
+    base = statistics.median(times[next(iter(sides))])
+    print(f"\nthe char tokenizer on {len(text):,} characters: train + encode, median of {repeats}\n")
+    print("| implementation | seconds | vs tokenizers |")
+    print("| --- | ---: | ---: |")
+    for name in sides:
+        t = statistics.median(times[name])
+        print(f"| {name} | {t:.3f} | {t / base:.3f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per timed repeat")
@@ -285,11 +332,15 @@ def main() -> None:
     p.add_argument("--optimizer", action="store_true", help="AdamW for-loop vs foreach vs fused (alone and in steps)")
     p.add_argument("--attention", action="store_true", help="bf16-mixed attention: fused fp32 kernel vs bf16 math")
     p.add_argument("--generation", action="store_true", help="sampling with the key/value cache vs without")
+    p.add_argument("--char-tokenizer", action="store_true", help="the char tokenizer: tokenizers' vs lm_lab's")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(1337)
     text = args.data.read_text(encoding="utf-8")
+    if args.char_tokenizer:
+        char_tokenizer_table(text, args.repeats)
+        return
     stoi = {c: i for i, c in enumerate(sorted(set(text)))}
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
     B, T = 12, 64
