@@ -21,7 +21,8 @@ steps in fp32, in ``bf16-mixed`` as lm_lab runs it (autocast; lm_lab's CPU atten
 come (PyTorch's behaviour, patched in here for the comparison).
 
 ``--regional`` compares the eager bf16-mixed step with one whose transformer blocks are compiled
-one by one (regional compilation: the four blocks share one graph), compile time from the cache
+one by one (regional compilation: the four blocks share one graph) and one whose whole network is
+compiled, compile time from the cache
 ``TORCHINDUCTOR_CACHE_DIR`` names (point it at an empty directory for a user's first run).
 
 ``--attention`` measures lm_lab's CPU attention under bf16 autocast: forward + backward of the
@@ -359,6 +360,7 @@ def main() -> None:
         variants = [
             Variant("eager, bf16-mixed (lm_lab), AdamW fused", base, False, bf16=True, fused=True),
             Variant("compiled blocks (regional), bf16-mixed, AdamW fused", base, "regional", bf16=True, fused=True),
+            Variant("compiled network, bf16-mixed, AdamW fused", base, True, bf16=True, fused=True),
         ]
     elif args.attention:
         attention_table(args.repeats)
