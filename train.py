@@ -53,13 +53,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     The W&B runs it starts are finished before it returns or raises: a sweep runs its jobs in one
     process, and a run left open would be reused by the next job.
     """
+    from lm_lab.training.compilation import torch_flags_kept
     from lm_lab.training.loggers import finish_loggers
     from lm_lab.training.rundir import is_launching_process, run_dir_lock
     from lm_lab.training.status import end_attempt
 
     output_dir = Path(cfg.paths.output_dir)
     started: list[Any] = []  # the loggers, once made
-    with run_dir_lock(output_dir):
+    with run_dir_lock(output_dir), torch_flags_kept():
         try:
             result = _train(cfg, output_dir, started)
         except BaseException as e:
@@ -110,6 +111,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
         resolve_ckpt_path,
         tokenizer_from_checkpoint,
     )
+    from lm_lab.training.compilation import compile_network
     from lm_lab.training.console import on_terminal, tidy_console
     from lm_lab.training.loggers import guard_loggers
     from lm_lab.training.plan import planned_on_gpu, planned_world_size
@@ -289,7 +291,7 @@ def _train(cfg: DictConfig, output_dir: Path, started: list[Any]) -> tuple[dict[
     if cfg.get("activation_checkpointing"):
         checkpoint_activations(task.net, (registry.network_of(model_cfg).block_class(),))
     if cfg.get("compile"):
-        task.net.compile()
+        compile_network(task.net, on_cpu=type(trainer.accelerator).__name__ == "CPUAccelerator")
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_hydra_record(cfg, output_dir)  # only now: a refused launch leaves an existing run's record alone

@@ -61,9 +61,9 @@ def train_tokenizer(
     return tok
 
 
-def _char_shell(vocab: dict[str, int] | None) -> Tokenizer:
-    """The char tokenizer's pipeline around ``vocab`` (None: untrained): every character (newlines
-    included) its own token, unknown ones ``<unk>``; decoding concatenates them."""
+def _char_shell(vocab: dict[str, int]) -> Tokenizer:
+    """The char tokenizer's pipeline around ``vocab``: every character (newlines included) its own
+    token, unknown ones ``<unk>``; decoding concatenates them."""
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK_CHAR))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()
