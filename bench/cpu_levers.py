@@ -4,6 +4,7 @@
     python bench/cpu_levers.py --precision [--steps 40] [--repeats 5]
     python bench/cpu_levers.py --generation [--repeats 5]
     python bench/cpu_levers.py --char-tokenizer [--repeats 5]
+    python bench/cpu_levers.py --determinism [--steps 40] [--repeats 5]
 
 One process; the network is the recipe's (4 layers, 4 heads, 128 dims, block 64, batch 12, vocab 67,
 no bias), trained on random windows of Tiny Shakespeare. Each variant gets its own copy of the same
@@ -35,6 +36,9 @@ recipe's validation samples and ``lm-lab-generate`` run it) with the key/value c
 (``lm_lab.models.generation.generate``, ``layers.KVCache``) against the same loop re-reading the
 window at every step (the network without ``new_kv_cache``: generation before the cache); both
 produce the same tokens from the same seed, which the script checks.
+
+``--determinism`` compares compiled bf16-mixed steps with and without PyTorch's deterministic
+algorithms (``compile=true`` turns them on on CPU: ``lm_lab.training.compilation``).
 
 ``--char-tokenizer`` times the recipe's first-run data preparation on the corpus (``--data``): training
 the char tokenizer and encoding the text, by ``tokenizers`` itself (``WordLevelTrainer`` and
@@ -91,9 +95,10 @@ class Variant:
         bf16: bool = False,
         attention: object = None,
         math_max_len: int | None = None,
+        deterministic: bool = False,
         **opt_kw: object,
     ) -> None:
-        self.name, self.bf16, self.attention = name, bf16, attention
+        self.name, self.bf16, self.attention, self.deterministic = name, bf16, attention, deterministic
         self.math_max_len = layers.CPU_BF16_MATH_ATTENTION_MAX_LEN if math_max_len is None else math_max_len
         self.model = copy.deepcopy(base)
         self.opt = make_optimizer(self.model, **opt_kw)
@@ -111,6 +116,9 @@ class Variant:
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # PyTorch's deterministic algorithms (what compile=true turns on on CPU), on for this variant's
+        # steps only; its compiled graphs were made under the same setting (Dynamo guards on it).
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
         gpt_model.causal_attention = self.attention or ORIGINAL_ATTENTION
         layers.CPU_BF16_MATH_ATTENTION_MAX_LEN = self.math_max_len
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
@@ -334,6 +342,9 @@ def main() -> None:
     p.add_argument("--attention", action="store_true", help="bf16-mixed attention: fused fp32 kernel vs bf16 math")
     p.add_argument("--generation", action="store_true", help="sampling with the key/value cache vs without")
     p.add_argument("--char-tokenizer", action="store_true", help="the char tokenizer: tokenizers' vs lm_lab's")
+    p.add_argument(
+        "--determinism", action="store_true", help="compiled bf16-mixed steps with/without deterministic algorithms"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,6 +372,18 @@ def main() -> None:
             Variant("eager, bf16-mixed (lm_lab), AdamW fused", base, False, bf16=True, fused=True),
             Variant("compiled blocks (regional), bf16-mixed, AdamW fused", base, "regional", bf16=True, fused=True),
             Variant("compiled network, bf16-mixed, AdamW fused", base, True, bf16=True, fused=True),
+        ]
+    elif args.determinism:
+        variants = [
+            Variant("compiled network, bf16-mixed, AdamW fused", base, True, bf16=True, fused=True),
+            Variant(
+                "the same, deterministic algorithms (compile=true on CPU)",
+                base,
+                True,
+                bf16=True,
+                deterministic=True,
+                fused=True,
+            ),
         ]
     elif args.attention:
         attention_table(args.repeats)
