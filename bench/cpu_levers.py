@@ -117,7 +117,8 @@ class Variant:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # PyTorch's deterministic algorithms (what compile=true turns on on CPU), on for this variant's
-        # steps only; its compiled graphs were made under the same setting (Dynamo guards on it).
+        # steps only; its compiled graphs were made under the same setting (Dynamo guards on it, and on
+        # warn_only too: set both on every step, or a variant compiled before the first set recompiles).
         torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
         gpt_model.causal_attention = self.attention or ORIGINAL_ATTENTION
         layers.CPU_BF16_MATH_ATTENTION_MAX_LEN = self.math_max_len

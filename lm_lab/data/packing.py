@@ -32,11 +32,11 @@ def tokenize_dataset(ds: Any, tok: Tokenizer, *, eot: int | None, num_proc: int 
     by_chars = is_char_level(tok)  # a character-level vocabulary: encoded by a lookup table (CharEncoder)
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-        t = _tokenizer_from_json(tok_json)
         texts = [s or "" for s in batch["text"]]
         tail = [eot] if eot is not None else []
         if not by_chars:
-            return {"ids": [e.ids + tail for e in t.encode_batch(texts, add_special_tokens=False)]}
+            encodings = _tokenizer_from_json(tok_json).encode_batch(texts, add_special_tokens=False)
+            return {"ids": [e.ids + tail for e in encodings]}
         chars = _char_encoder(tok_json)
         return {"ids": [np.concatenate([chars(text), np.asarray(tail, dtype=np.int64)]) for text in texts]}
 
